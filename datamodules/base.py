@@ -1,0 +1,277 @@
+"""The base LightningDataModule of every image-classification dataset.
+
+Subclasses read labels and class names cheaply in ``__init__`` (so LightningCLI can link
+``num_classes`` / ``class_names`` / ``task`` / ``channels`` into the model) and implement
+``_load_splits``, which returns the pixels of each split; this class does the rest: low-data
+subsets, transforms, seeded loaders and logging.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+
+from datamodules.splits import check_low_data_args, low_data_subset
+
+log = logging.getLogger("medpeft")
+
+SPLITS = ("train", "val", "test")
+TASKS = ("multiclass", "multilabel", "binary")
+
+
+def default_num_workers() -> int:
+    """Loader workers when ``num_workers`` is None: ``min(4, cores - 1)``, but 0 on <= 2 cores.
+
+    Cores are those this process may use (``sched_getaffinity`` honours SLURM / taskset). One
+    core is left to the training process; on <= 2 cores workers would only compete with it.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(4, cores - 1)
+
+
+@dataclass
+class SplitData:
+    """The pixels and targets of one split, as handed from a subclass to the base class.
+
+    Attributes:
+        images: uint8 array [N, C, H, W], [N, H, W] or [N, H, W, C] (set ``channels_last``), or the
+            path of such a ``.npy`` file, opened lazily as a memmap in each loader process.
+        labels: Class index per sample [n], or multi-hot [n, K] for multi-label.
+        ids: One string id per sample [n].
+        rows: Row of ``images`` per sample [n]; None means ``arange(n)``.
+        valid: Optional bool per sample; False rows (unreadable files) are dropped after subsetting.
+        channels_last: Whether 4-D ``images`` are [N, H, W, C].
+    """
+
+    images: np.ndarray | str
+    labels: np.ndarray
+    ids: Sequence[str]
+    rows: np.ndarray | None = None
+    valid: np.ndarray | None = None
+    channels_last: bool = False
+
+
+class ImageDataset(Dataset):
+    """Yields ``{"image": uint8 [C, H, W], "label", "id"}`` from an array or ``.npy`` memmap."""
+
+    def __init__(self, data: SplitData, transform: Callable, multilabel: bool) -> None:
+        self.data = data
+        self.rows = data.rows if data.rows is not None else np.arange(len(data.labels))
+        self.transform = transform
+        self.labels = torch.as_tensor(data.labels, dtype=torch.float32 if multilabel else torch.int64)
+        self._images = data.images if isinstance(data.images, np.ndarray) else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getstate__(self) -> dict:
+        # A memmap would be pickled as a full copy into spawned workers; reopen it there instead.
+        state = self.__dict__.copy()
+        if not isinstance(self.data.images, np.ndarray):
+            state["_images"] = None
+        return state
+
+    def __getitem__(self, i: int) -> dict:
+        if self._images is None:
+            self._images = np.load(self.data.images, mmap_mode="r")
+        img = torch.from_numpy(np.array(self._images[self.rows[i]], dtype=np.uint8))
+        if img.ndim == 2:
+            img = img[None]
+        elif self.data.channels_last:
+            img = img.permute(2, 0, 1)
+        return {"image": self.transform(img), "label": self.labels[i], "id": str(self.data.ids[i])}
+
+
+class ImageClassificationDataModule(L.LightningDataModule):
+    """Base of all image-classification data modules (batches of uint8 images, not normalised).
+
+    Args:
+        batch_size: Samples per batch.
+        num_workers: Loader worker processes; None picks ``default_num_workers()``.
+        image_size: Side of the square images in a batch.
+        seed: Seed of splits, low-data subsets and loader shuffling.
+        train_fraction: Fraction in (0, 1] of the training split to keep (stratified, nested).
+        shots_per_class: Keep k training samples per class (k-shot); excludes ``train_fraction``.
+        augment: Random resized crop (scale 0.7-1) + horizontal flip on the training split.
+        pin_memory: Pin loader memory; None means when CUDA is available.
+    """
+
+    #: Set by subclasses in ``__init__``.
+    num_classes: int
+    class_names: list[str]
+    task: str
+    channels: int
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        image_size: int = 224,
+        seed: int = 42,
+        train_fraction: float = 1.0,
+        shots_per_class: int | None = None,
+        augment: bool = True,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or image_size < 1:
+            raise ValueError(f"batch_size={batch_size} and image_size={image_size} must both be >= 1.")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"num_workers={num_workers} is negative; pass 0 or more, or null for auto.")
+        check_low_data_args(train_fraction, shots_per_class)
+        self.batch_size = batch_size
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.image_size = image_size
+        self.seed = seed
+        self.train_fraction = train_fraction
+        self.shots_per_class = shots_per_class
+        self.augment = augment
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.split_sizes: dict[str, int] = {}
+        self.subset_counts: dict[str, int] = {}
+        self.train_subset: np.ndarray | None = None
+        self._datasets: dict[str, ImageDataset] = {}
+
+    # ------------------------------------------------------------------ for subclasses
+    def _set_classes(self, class_names: Sequence[str], task: str, channels: int) -> None:
+        """Records the class metadata (call from the subclass ``__init__``)."""
+        if task not in TASKS:
+            raise ValueError(f"task={task!r} is not one of {TASKS}.")
+        if channels not in (1, 3):
+            raise ValueError(f"channels={channels} is not supported; use 1 (grayscale) or 3 (RGB).")
+        if len(class_names) < 2:
+            raise ValueError(f"found {len(class_names)} class ({list(class_names)}); at least 2 are needed.")
+        self.class_names = [str(c) for c in class_names]
+        self.num_classes = len(self.class_names)
+        self.task = task
+        self.channels = channels
+
+    def _set_train_labels(self, labels: np.ndarray) -> None:
+        """Chooses the low-data training subset now, so bad settings fail in ``__init__``."""
+        self.train_subset = low_data_subset(
+            labels, self.train_fraction, self.shots_per_class, self.seed, self.class_names
+        )
+
+    def _load_splits(self) -> dict[str, SplitData]:
+        """Returns the pixels of ``train`` / ``val`` / ``test`` (train in ``_set_train_labels`` order)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str | None = None) -> None:
+        """Builds the three datasets once (all stages share them)."""
+        if self._datasets:
+            return
+        splits = self._load_splits()
+        train = splits["train"]
+        if self.train_subset is not None:
+            train = _take(train, self.train_subset)
+        splits["train"] = train
+        multilabel = self.task == "multilabel"
+        for name, data in splits.items():
+            if data.valid is not None:
+                data = _take(data, np.flatnonzero(data.valid))
+            tf = self._train_transform() if name == "train" and self.augment else self._eval_transform()
+            self._datasets[name] = ImageDataset(data, tf, multilabel)
+        self.split_sizes = {name: len(ds) for name, ds in self._datasets.items()}
+        labels = self._datasets["train"].labels.numpy()
+        counts = labels.sum(0) if multilabel else np.bincount(labels, minlength=self.num_classes)
+        self.subset_counts = {c: int(n) for c, n in zip(self.class_names, counts, strict=True)}
+        log.info(
+            "%s: split sizes %s (train_fraction=%s, shots_per_class=%s, seed=%d); train per class %s",
+            type(self).__name__,
+            self.split_sizes,
+            self.train_fraction,
+            self.shots_per_class,
+            self.seed,
+            self.subset_counts,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled per epoch from (seed, epoch); drops a last batch of one sample (BatchNorm)."""
+        ds = self._dataset("train")
+        drop_last = len(ds) > self.batch_size and len(ds) % self.batch_size == 1
+        # Workers are re-forked each epoch so their augmentation RNG comes from the (per-epoch
+        # re-seeded) main process: epoch k is then identical whether or not the run was resumed.
+        return self._loader(ds, sampler=EpochShuffleSampler(len(ds), self.seed), drop_last=drop_last,
+                            persistent_workers=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("val"))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("test"))
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split, in order; batches carry ``id`` for writing predictions."""
+        return self._loader(self._dataset("test"))
+
+    # ------------------------------------------------------------------ helpers
+    def _train_transform(self) -> Callable:
+        s = self.image_size
+        return v2.Compose(
+            [v2.RandomResizedCrop((s, s), scale=(0.7, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+        )
+
+    def _eval_transform(self) -> Callable:
+        return v2.Resize((self.image_size, self.image_size), antialias=True)
+
+    def _dataset(self, split: str) -> ImageDataset:
+        if not self._datasets:
+            self.setup()
+        return self._datasets[split]
+
+    def _loader(self, ds: Dataset, **kwargs) -> DataLoader:
+        # Eval workers stay alive across val loops; re-forking them each time is slow.
+        kwargs.setdefault("persistent_workers", self.num_workers > 0)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            **kwargs,
+        )
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random order that depends only on (seed, epoch); Lightning calls ``set_epoch``.
+
+    A loader-held generator would continue its stream across epochs, so a run resumed at epoch k
+    would see a different order than one that never stopped.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=gen).tolist())
+
+
+def _take(data: SplitData, idx: np.ndarray) -> SplitData:
+    """The samples ``idx`` of a split (keeps the image storage shared)."""
+    rows = data.rows if data.rows is not None else np.arange(len(data.labels))
+    return SplitData(
+        images=data.images,
+        labels=np.asarray(data.labels)[idx],
+        ids=[data.ids[i] for i in idx],
+        rows=rows[idx],
+        valid=None if data.valid is None else data.valid[idx],
+        channels_last=data.channels_last,
+    )
