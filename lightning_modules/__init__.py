@@ -1,0 +1,5 @@
+"""LightningModules: ImageClassifier (classification) and TextToImage (diffusion)."""
+
+from lightning_modules.classifier import ImageClassifier
+
+__all__ = ["ImageClassifier"]

@@ -1,0 +1,82 @@
+"""Classification metrics per stage and the confusion-matrix figure."""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    BinaryCalibrationError,
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassCalibrationError,
+    MulticlassF1Score,
+    MulticlassRecall,
+    MultilabelAccuracy,
+    MultilabelAUROC,
+    MultilabelF1Score,
+)
+
+TASKS = ("multiclass", "binary", "multilabel")
+
+
+class MultilabelCalibrationError(BinaryCalibrationError):
+    """ECE over every (sample, label) pair of a multi-label task."""
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:  # type: ignore[override]
+        super().update(preds.reshape(-1), target.reshape(-1).long())
+
+
+def classification_metrics(
+    task: str, num_classes: int, prefix: str, only: tuple[str, ...] | None = None
+) -> MetricCollection:
+    """accuracy, balanced accuracy, macro AUROC, macro F1 and ECE for ``task``.
+
+    Inputs are probabilities (softmax for multiclass/binary, sigmoid for multilabel). Binary tasks
+    use two softmax outputs, so their macro metrics average both classes (AUROC equals the
+    positive-class AUROC). ``only`` keeps a subset (training logs accuracy alone: AUROC and ECE
+    would store every training prediction).
+    """
+    if task == "multilabel":
+        metrics = {
+            "acc": MultilabelAccuracy(num_labels=num_classes, average="micro"),
+            "balanced_acc": MultilabelAccuracy(num_labels=num_classes, average="macro"),
+            "auroc": MultilabelAUROC(num_labels=num_classes, average="macro"),
+            "f1": MultilabelF1Score(num_labels=num_classes, average="macro"),
+            "ece": MultilabelCalibrationError(n_bins=15),
+        }
+    else:
+        metrics = {
+            "acc": MulticlassAccuracy(num_classes=num_classes, average="micro"),
+            "balanced_acc": MulticlassRecall(num_classes=num_classes, average="macro"),
+            "auroc": MulticlassAUROC(num_classes=num_classes, average="macro"),
+            "f1": MulticlassF1Score(num_classes=num_classes, average="macro"),
+            "ece": MulticlassCalibrationError(num_classes=num_classes, n_bins=15),
+        }
+    if only is not None:
+        metrics = {k: v for k, v in metrics.items() if k in only}
+    return MetricCollection(metrics, prefix=prefix)
+
+
+def confusion_figure(matrix: torch.Tensor, class_names: list[str], title: str):  # -> Figure
+    """A matplotlib figure of a confusion matrix (rows: true class, columns: predicted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = matrix.detach().cpu().long().numpy()
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * n, 1.0 + 0.6 * n), dpi=100)
+    ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    threshold = counts.max() / 2 if counts.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if counts[i, j] > threshold else "black")
+    fig.tight_layout()
+    return fig

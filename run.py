@@ -1,0 +1,165 @@
+"""One run: ``python run.py {fit,validate,test,predict} --config configs/<experiment>.yaml``.
+
+A LightningCLI over any LightningModule / LightningDataModule of this suite. ``configs/base.yaml``
+(trainer, logger, checkpointing) is always loaded first; experiment configs hold overrides only.
+The datamodule's class count, class names, task, channels and image size are linked into the
+model at instantiation. ``--ckpt_path last|best`` means this run's own checkpoint (the newest
+``runs/<name>/version_N`` that has it), and test/validate/predict default to ``best``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+ROOT = Path(__file__).resolve().parent
+BASE_CONFIG = ROOT / "configs" / "base.yaml"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+OUR_PACKAGES = ("lightning_modules", "datamodules", "peft_methods", "benchmarks", "run", "sweep")
+log = logging.getLogger("medpeft")
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Saves the resolved config into the run dir: ``config.yaml`` for fit, ``config_<stage>.yaml`` else."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.config_filename = "config.yaml" if stage == "fit" else f"config_{stage}.yaml"
+        super().setup(trainer, pl_module, stage)
+
+
+class MedPeftCLI(LightningCLI):
+    """LightningCLI with data->model links and run-aware checkpoint resolution."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        links = {
+            "num_classes": "num_classes",
+            "class_names": "class_names",
+            "task": "task",
+            "channels": "input_channels",
+            "image_size": "image_size",
+        }
+        for source, target in links.items():
+            parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        ckpt = cfg.get("ckpt_path")
+        if self.subcommand in ("validate", "test", "predict") and ckpt is None:
+            ckpt = "best"
+        if ckpt not in ("last", "best"):
+            return
+        logger = cfg.trainer.get("logger")
+        init = getattr(logger, "init_args", None)
+        if init is None or "TensorBoardLogger" not in str(getattr(logger, "class_path", "")):
+            raise ValueError(
+                f"--ckpt_path {ckpt} needs the TensorBoardLogger of configs/base.yaml to find this run; "
+                "pass --ckpt_path <path/to/file.ckpt> instead."
+            )
+        run = find_run(Path(init.save_dir), init.name, init.get("version"), f"{ckpt}.ckpt")
+        cfg.ckpt_path = str(run / "checkpoints" / f"{ckpt}.ckpt")
+        version = run.name.removeprefix("version_")
+        init.version = int(version) if version.isdigit() else run.name
+        print(f"Using {ckpt} checkpoint of this run: {cfg.ckpt_path}", file=sys.stderr)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            discard_unfinished_run(self.trainer, subcommand)
+            raise
+
+
+def find_run(save_dir: Path, name: str, version: Any, filename: str) -> Path:
+    """The run dir holding ``checkpoints/<filename>``: the given version, else the newest one."""
+    base = save_dir / name
+    if version is not None:
+        run = base / (version if isinstance(version, str) else f"version_{version}")
+        candidates = [run] if (run / "checkpoints" / filename).is_file() else []
+    else:
+        runs = [p for p in base.glob("version_*") if (p / "checkpoints" / filename).is_file()]
+        candidates = sorted(runs, key=lambda p: (len(p.name), p.name))
+    if not candidates:
+        raise FileNotFoundError(
+            f"No checkpoints/{filename} found for run '{name}' under {base}: train it first with "
+            f"'python run.py fit' using the same config, or pass --ckpt_path <path/to/file.ckpt>."
+        )
+    return candidates[-1]
+
+
+def discard_unfinished_run(trainer: L.Trainer | None, subcommand: str) -> None:
+    """A fit that failed before writing any checkpoint leaves no run dir claiming a result."""
+    if subcommand != "fit" or trainer is None or not trainer.is_global_zero:
+        return
+    log_dir = trainer.log_dir
+    if log_dir and Path(log_dir).is_dir() and not any(Path(log_dir).rglob("*.ckpt")):
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def cli_main(args: list[str] | None = None) -> MedPeftCLI:
+    """Runs one subcommand (fit / validate / test / predict) with ``configs/base.yaml`` first."""
+    defaults = {"default_config_files": [str(BASE_CONFIG)]}
+    return MedPeftCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=RunConfigSaver,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={sub: dict(defaults) for sub in SUBCOMMANDS},
+        auto_configure_optimizers=False,
+        args=args,
+    )
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The innermost exception in ``err``'s chain that our own code raised on purpose, if any.
+
+    LightningCLI wraps constructor errors in long parser dumps; the sentence we wrote for the
+    user is the root of that chain.
+    """
+    chain: list[BaseException] = []
+    cur: BaseException | None = err
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for exc in reversed(chain):
+        if not isinstance(exc, (ValueError, OSError, FloatingPointError, LookupError)):
+            continue
+        frames = traceback.extract_tb(exc.__traceback__)
+        if frames and _is_ours(frames[-1].filename):
+            return exc
+    return None
+
+
+def _is_ours(filename: str) -> bool:
+    path = Path(filename).resolve()
+    try:
+        rel = path.relative_to(ROOT)
+    except ValueError:
+        return False
+    return rel.parts[0].removesuffix(".py") in OUR_PACKAGES
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: our user-facing errors end the output as one line, exit code 1."""
+    try:
+        cli_main(argv)
+    except Exception as err:  # noqa: BLE001 - filtered below; bugs keep their traceback
+        found = user_error(err)
+        if found is None or os.environ.get("MEDPEFT_DEBUG"):
+            raise
+        print(f"error: {found}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # DDP re-launches this script: keep the guard
+    sys.exit(main())
