@@ -209,15 +209,20 @@ def keep_frozen_in_eval(model: nn.Module) -> None:
     no trainable parameter at all is off (eval), so a fully frozen block behaves exactly as the
     pretrained one. Layers that train keep training behaviour.
     """
-    for parent in model.modules():
+    modules = dict(model.named_modules())
+    for path, parent in modules.items():
         parent_trains: bool | None = None
+        owner = parent  # a dropout kept in a ModuleDict / ModuleList (peft's lora_dropout) belongs to its owner
+        while isinstance(owner, nn.ModuleDict | nn.ModuleList) and path:
+            path = path.rpartition(".")[0]
+            owner = modules[path]
         for child in parent.children():
             if isinstance(child, _NormBase) and child.track_running_stats:
                 if not any(p.requires_grad for p in child.parameters(recurse=False)):
                     child.eval()
             elif isinstance(child, _DROPOUT_TYPES):
                 if parent_trains is None:
-                    parent_trains = any(p.requires_grad for p in parent.parameters())
+                    parent_trains = any(p.requires_grad for p in owner.parameters())
                 if not parent_trains:
                     child.eval()
                     # timm's fused attention reads its own flag (not its attn_drop child's) for dropout.
