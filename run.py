@@ -31,6 +31,7 @@ class RunConfigSaver(SaveConfigCallback):
     """Saves the resolved config into the run dir: ``config.yaml`` for fit, ``config_<stage>.yaml`` else."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn enum
         self.config_filename = "config.yaml" if stage == "fit" else f"config_{stage}.yaml"
         super().setup(trainer, pl_module, stage)
 

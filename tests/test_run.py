@@ -1,0 +1,149 @@
+"""run.py end to end: fit / test / predict through cli_main, resume, errors, checkpoint sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import run
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "demo.yaml")
+# A small, fast variant of the demo: random-init ResNet-18 on 32 px synthetic lesions.
+TINY = [
+    "--config", DEMO,
+    "--model.init_args.backbone", "resnet18",
+    "--model.init_args.pretrained", "false",
+    "--data.init_args.image_size", "32",
+    "--data.init_args.num_train", "48",
+    "--data.init_args.num_val", "16",
+    "--data.init_args.num_test", "24",
+    "--data.init_args.batch_size", "16",
+    "--data.init_args.num_workers", "0",
+    "--trainer.max_epochs", "1",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.logger.init_args.name", "tiny",
+]
+
+
+def version_dirs(base: Path) -> list[Path]:
+    return sorted((base / "runs" / "tiny").glob("version_*"))
+
+
+def trained_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_fit_test_predict_write_one_run_dir(in_tmp: Path) -> None:
+    run.cli_main(["fit", *TINY])
+    (run_dir,) = version_dirs(in_tmp)
+    assert (run_dir / "config.yaml").is_file()
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert json.loads((run_dir / "fit_summary.json").read_text())["global_steps"] == 3
+
+    run.cli_main(["test", *TINY])  # defaults to this run's best checkpoint, same run dir
+    assert version_dirs(in_tmp) == [run_dir]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["metrics"]) >= {"acc", "balanced_acc", "auroc", "f1", "ece", "loss"}
+    assert metrics["checkpoint"].endswith("best.ckpt")
+    import timm
+
+    from peft_methods import BitFit, count_params
+
+    expected = count_params(BitFit().apply(timm.create_model("resnet18", num_classes=3)))
+    assert (metrics["trainable_params"], metrics["total_params"]) == expected
+    assert (run_dir / "config_test.yaml").is_file()
+
+    run.cli_main(["predict", *TINY])
+    lines = (run_dir / "predictions.csv").read_text().splitlines()
+    assert lines[0] == "id,predicted,p_round,p_spiculated,p_ring"
+    assert len(lines) == 1 + 24
+    probs = [sum(map(float, line.split(",")[2:])) for line in lines[1:]]
+    assert all(abs(p - 1) < 1e-4 for p in probs)
+
+
+class Crash(Exception):
+    """Stands in for a killed process."""
+
+
+def test_resume_from_last_is_exact(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 epochs straight == a run that dies at the start of epoch 2 and is resumed with --ckpt_path last."""
+    from lightning_modules import ImageClassifier
+
+    two = ["--trainer.max_epochs", "2"]
+    run.cli_main(["fit", *TINY, *two, "--trainer.logger.init_args.name", "straight"])
+    straight = trained_state(in_tmp / "runs/straight/version_0/checkpoints/last.ckpt")
+
+    original = ImageClassifier.on_train_epoch_start
+
+    def dies_in_epoch_two(self: ImageClassifier) -> None:
+        original(self)
+        if self.current_epoch == 1:
+            raise Crash
+
+    with monkeypatch.context() as patch, pytest.raises(Crash):
+        patch.setattr(ImageClassifier, "on_train_epoch_start", dies_in_epoch_two)
+        run.cli_main(["fit", *TINY, *two])
+    (run_dir,) = version_dirs(in_tmp)
+    assert torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["epoch"] == 0
+
+    run.cli_main(["fit", *TINY, *two, "--ckpt_path", "last"])
+    assert version_dirs(in_tmp) == [run_dir], "resume must continue the run's own version dir"
+    resumed = trained_state(run_dir / "checkpoints" / "last.ckpt")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    assert json.loads((run_dir / "fit_summary.json").read_text())["global_steps"] == 6
+
+
+def test_ckpt_path_last_without_a_run_is_a_clear_error(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run.main(["fit", *TINY, "--ckpt_path", "last"]) == 1
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("error: No checkpoints/last.ckpt found for run 'tiny'")
+    assert not (in_tmp / "runs" / "tiny").exists() or not version_dirs(in_tmp)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--model.init_args.backbone", "resnet181"], "Unknown backbone 'resnet181'.*resnet18"),
+        (["--data.init_args.train_fraction", "1.5"], "train_fraction"),
+        (["--model.init_args.pretrained", "/nonexistent/w.safetensors"], "/nonexistent/w.safetensors"),
+        (["--model.init_args.peft", "peft_methods.AttentionTuning"], "AttentionTuning does not support backbone 'resnet18'"),
+    ],
+)
+def test_bad_input_ends_with_one_clear_line_and_leaves_nothing(
+    in_tmp: Path, capsys: pytest.CaptureFixture, override: list[str], message: str
+) -> None:
+    assert run.main(["fit", *TINY, *override]) == 1
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("error: ")
+    assert "Namespace(" not in last_line and "Union" not in last_line
+    import re
+
+    assert re.search(message, last_line), last_line
+    assert not version_dirs(in_tmp)
+
+
+def test_linear_probe_checkpoint_of_vit_base_is_tiny_and_loads_back(in_tmp: Path) -> None:
+    from lightning_modules import ImageClassifier
+
+    args = [
+        "--model.init_args.backbone", "vit_base_patch16_224",
+        "--model.init_args.peft", "peft_methods.LinearProbe",
+        "--trainer.limit_train_batches", "1",
+        "--trainer.limit_val_batches", "1",
+        "--trainer.precision", "32-true",
+    ]
+    run.cli_main(["fit", *TINY, *args])
+    ckpt = version_dirs(in_tmp)[0] / "checkpoints" / "last.ckpt"
+    assert ckpt.stat().st_size < 100_000, "checkpoint must hold the head only, not 330 MB of ViT-B"
+    state = trained_state(ckpt)
+    assert set(state) == {"model.head.weight", "model.head.bias"}
+    model = ImageClassifier.load_from_checkpoint(ckpt)
+    assert torch.equal(model.model.head.weight, state["model.head.weight"])
+    assert type(model.peft).__name__ == "LinearProbe"
