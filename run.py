@@ -5,6 +5,8 @@ A LightningCLI over any LightningModule / LightningDataModule of this suite. ``c
 The datamodule's class count, class names, task, channels and image size are linked into the
 model at instantiation. ``--ckpt_path last|best`` means this run's own checkpoint (the newest
 ``runs/<name>/version_N`` that has it), and test/validate/predict default to ``best``.
+``--ckpt_path auto`` resumes from ``last`` when the run has one and starts fresh otherwise (for
+pre-emptible and requeued cluster jobs).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Any
@@ -52,23 +55,32 @@ class MedPeftCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        init = _tensorboard_args(cfg)
+        if init is not None and self.subcommand == "fit":
+            check_writable(Path(init.save_dir))
         ckpt = cfg.get("ckpt_path")
         if self.subcommand in ("validate", "test", "predict") and ckpt is None:
             ckpt = "best"
-        if ckpt not in ("last", "best"):
+        if ckpt not in ("last", "best", "auto"):
             return
-        logger = cfg.trainer.get("logger")
-        init = getattr(logger, "init_args", None)
-        if init is None or "TensorBoardLogger" not in str(getattr(logger, "class_path", "")):
+        if init is None:
             raise ValueError(
                 f"--ckpt_path {ckpt} needs the TensorBoardLogger of configs/base.yaml to find this run; "
                 "pass --ckpt_path <path/to/file.ckpt> instead."
             )
-        run = find_run(Path(init.save_dir), init.name, init.get("version"), f"{ckpt}.ckpt")
-        cfg.ckpt_path = str(run / "checkpoints" / f"{ckpt}.ckpt")
+        name = "last" if ckpt == "auto" else ckpt
+        try:
+            run = find_run(Path(init.save_dir), init.name, init.get("version"), f"{name}.ckpt")
+        except FileNotFoundError:
+            if ckpt != "auto":
+                raise
+            cfg.ckpt_path = None  # auto: first start of a (re)queued job trains from scratch
+            print(f"No checkpoint of run '{init.name}' yet: starting a new run.", file=sys.stderr)
+            return
+        cfg.ckpt_path = str(run / "checkpoints" / f"{name}.ckpt")
         version = run.name.removeprefix("version_")
         init.version = int(version) if version.isdigit() else run.name
-        print(f"Using {ckpt} checkpoint of this run: {cfg.ckpt_path}", file=sys.stderr)
+        print(f"Using {name} checkpoint of this run: {cfg.ckpt_path}", file=sys.stderr)
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
@@ -76,6 +88,27 @@ class MedPeftCLI(LightningCLI):
         except BaseException:
             discard_unfinished_run(self.trainer, subcommand)
             raise
+
+
+def _tensorboard_args(cfg: Any) -> Any:
+    """The TensorBoardLogger's init_args in a subcommand config, or None for another logger."""
+    logger = cfg.trainer.get("logger")
+    if "TensorBoardLogger" not in str(getattr(logger, "class_path", "")):
+        return None
+    return getattr(logger, "init_args", None)
+
+
+def check_writable(directory: Path) -> None:
+    """Fails before any training when the output directory cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise PermissionError(
+            f"Output directory {directory} (trainer.logger.init_args.save_dir) is not writable "
+            f"({err.strerror}); choose a writable folder with --trainer.logger.init_args.save_dir."
+        ) from err
 
 
 def find_run(save_dir: Path, name: str, version: Any, filename: str) -> Path:

@@ -1,0 +1,122 @@
+"""Crash safety: SIGKILL + resume is exact, determinism, NaN guard, atomic saves, unwritable dirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import run
+from lightning_modules.checkpoint_io import AtomicCheckpointIO
+
+RUN_PY = str(Path(run.__file__).resolve())
+DEMO = str(Path(run.__file__).resolve().parent / "configs" / "demo.yaml")
+TINY = [
+    "--config", DEMO,
+    "--model.init_args.backbone", "resnet18",
+    "--model.init_args.pretrained", "false",
+    "--data.init_args.image_size", "32",
+    "--data.init_args.num_train", "64",
+    "--data.init_args.num_val", "16",
+    "--data.init_args.num_test", "24",
+    "--data.init_args.batch_size", "8",
+    "--data.init_args.num_workers", "0",
+    "--trainer.enable_progress_bar", "false",
+]
+
+
+def state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(in_tmp: Path) -> None:
+    epochs = ["--trainer.max_epochs", "3"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, RUN_PY, "fit", *TINY, *epochs, "--trainer.logger.init_args.name", "killed"]
+    proc = subprocess.Popen(cmd, cwd=in_tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = in_tmp / "runs/killed/version_0/checkpoints/last.ckpt"
+    deadline = time.time() + 240
+    while not last.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the next epoch
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = torch.load(last, weights_only=True)["epoch"]
+    assert killed_at < 2
+    assert not list(last.parent.glob("*.tmp")), "no partial checkpoint may be left behind"
+
+    run.cli_main(["fit", *TINY, *epochs, "--trainer.logger.init_args.name", "killed", "--ckpt_path", "last"])
+    run.cli_main(["fit", *TINY, *epochs, "--trainer.logger.init_args.name", "straight"])
+    resumed = state(last)
+    straight = state(in_tmp / "runs/straight/version_0/checkpoints/last.ckpt")
+    assert resumed.keys() == straight.keys()
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key
+    run.cli_main(["test", *TINY, "--trainer.logger.init_args.name", "killed"])
+    run.cli_main(["test", *TINY, "--trainer.logger.init_args.name", "straight"])
+    metrics = [json.loads((in_tmp / f"runs/{n}/version_0/metrics.json").read_text())["metrics"]
+               for n in ("killed", "straight")]
+    assert metrics[0] == metrics[1]
+
+
+def test_same_config_and_seed_give_identical_metrics(in_tmp: Path) -> None:
+    results = []
+    for name in ("a", "b"):
+        args = [*TINY, "--trainer.max_epochs", "1", "--trainer.logger.init_args.name", name]
+        run.cli_main(["fit", *args])
+        run.cli_main(["test", *args])
+        results.append(json.loads((in_tmp / f"runs/{name}/version_0/metrics.json").read_text()))
+    assert results[0]["metrics"] == results[1]["metrics"]
+    assert results[0]["fit"]["best_score"] == results[1]["fit"]["best_score"]
+
+
+def test_ckpt_path_auto_starts_fresh_then_resumes(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    args = [*TINY, "--data.init_args.num_train", "16", "--trainer.logger.init_args.name", "auto"]
+    run.cli_main(["fit", *args, "--trainer.max_epochs", "1", "--ckpt_path", "auto"])
+    assert "starting a new run" in capsys.readouterr().err
+    run.cli_main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", "auto"])
+    assert "Using last checkpoint of this run" in capsys.readouterr().err
+    assert [p.name for p in (in_tmp / "runs/auto").iterdir()] == ["version_0"]
+    assert torch.load(in_tmp / "runs/auto/version_0/checkpoints/last.ckpt", weights_only=True)["epoch"] == 1
+
+
+def test_non_finite_loss_stops_with_one_clear_message(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    code = run.main(["fit", *TINY, "--trainer.max_epochs", "2", "--trainer.precision", "32-true",
+                     "--model.init_args.optimizer.init_args.lr", "1e30"])
+    assert code == 1
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("error: Training loss is ") and "learning rate" in last_line
+    assert not list(in_tmp.rglob("metrics.json"))
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, target)
+
+    def dies_half_way(obj: object, f: object, *a: object, **k: object) -> None:
+        f.write(b"partial bytes")  # type: ignore[attr-defined]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, target)
+    monkeypatch.undo()
+    assert io.load_checkpoint(target)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_unwritable_output_directory_fails_before_training(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    blocker = in_tmp / "not_a_dir"
+    blocker.write_text("")
+    code = run.main(["fit", *TINY, "--trainer.logger.init_args.save_dir", str(blocker / "runs")])
+    assert code == 1
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: Output directory {blocker / 'runs'}") and "not writable" in last_line
