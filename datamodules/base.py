@@ -52,6 +52,8 @@ class SplitData:
         rows: Row of ``images`` per sample [n]; None means ``arange(n)``.
         valid: Optional bool per sample; False rows (unreadable files) are dropped after subsetting.
         channels_last: Whether 4-D ``images`` are [N, H, W, C].
+        groups: Optional int per sample (e.g. skin type), yielded as the batch key ``"group"`` so
+            that metrics can be reported per group.
     """
 
     images: np.ndarray | str
@@ -60,16 +62,18 @@ class SplitData:
     rows: np.ndarray | None = None
     valid: np.ndarray | None = None
     channels_last: bool = False
+    groups: np.ndarray | None = None
 
 
 class ImageDataset(Dataset):
-    """Yields ``{"image": uint8 [C, H, W], "label", "id"}`` from an array or ``.npy`` memmap."""
+    """Yields ``{"image": uint8 [C, H, W], "label", "id"}`` (+ ``"group"``) from an array or memmap."""
 
     def __init__(self, data: SplitData, transform: Callable, multilabel: bool) -> None:
         self.data = data
         self.rows = data.rows if data.rows is not None else np.arange(len(data.labels))
         self.transform = transform
         self.labels = torch.as_tensor(data.labels, dtype=torch.float32 if multilabel else torch.int64)
+        self.groups = None if data.groups is None else torch.as_tensor(data.groups, dtype=torch.int64)
         self._images = data.images if isinstance(data.images, np.ndarray) else None
 
     def __len__(self) -> int:
@@ -99,7 +103,10 @@ class ImageDataset(Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(aug_seed)
                 img = self.transform(img)
-        return {"image": img, "label": self.labels[i], "id": str(self.data.ids[i])}
+        item = {"image": img, "label": self.labels[i], "id": str(self.data.ids[i])}
+        if self.groups is not None:
+            item["group"] = self.groups[i]
+        return item
 
 
 class ImageClassificationDataModule(L.LightningDataModule):
@@ -286,4 +293,5 @@ def _take(data: SplitData, idx: np.ndarray) -> SplitData:
         rows=rows[idx],
         valid=None if data.valid is None else data.valid[idx],
         channels_last=data.channels_last,
+        groups=None if data.groups is None else np.asarray(data.groups)[idx],
     )

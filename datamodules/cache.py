@@ -2,7 +2,9 @@
 
 Resize policy: every image is resized straight to a square ``S x S`` (no crop, aspect ratio not
 kept) with PIL's antialiased bicubic filter, so a lesion at the border is never cropped away.
-16-bit / float images are scaled to 0-255 by their own maximum before casting.
+16-bit / float images are scaled to 0-255 by their own maximum before casting. DICOM files
+(``.dcm``) are read with pydicom: modality LUT then VOI LUT / window applied, stretched to 0-255 by
+their own range, and MONOCHROME1 inverted so that bone is bright as in MONOCHROME2.
 
 A cache lives in ``cache_dir`` (default ``~/.cache/medpeft``) as ``<kind>-<key>.npy`` plus a
 ``.json`` sidecar. The key hashes the dataset kind, the sorted file list with sizes and mtimes,
@@ -28,6 +30,7 @@ from PIL import Image
 log = logging.getLogger("medpeft")
 
 DEFAULT_CACHE_DIR = "~/.cache/medpeft"
+DICOM_SUFFIXES = (".dcm", ".dicom")
 _FORMAT_VERSION = 1  # bump when the decode / resize policy changes so old caches are not reused
 
 
@@ -38,10 +41,13 @@ def decode_image(path: str | Path, size: int, channels: int) -> np.ndarray:
         ValueError: when the file cannot be read or is truncated (names the file).
     """
     try:
-        with Image.open(path) as img:
-            img.load()  # forces a full decode so truncated files fail here, not in a worker
-            img = _to_8bit(img, channels)
-            img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
+        if is_dicom(path):
+            img = _to_8bit(Image.fromarray(read_dicom(path)), channels)
+        else:
+            with Image.open(path) as src:
+                src.load()  # forces a full decode so truncated files fail here, not in a worker
+                img = _to_8bit(src, channels)
+        img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
     except Exception as err:  # PIL raises OSError, SyntaxError, EOFError, zlib.error... for bad files
         raise ValueError(
             f"cannot read image {path} ({err}); replace or delete the file, or pass skip_corrupt: true."
@@ -50,8 +56,47 @@ def decode_image(path: str | Path, size: int, channels: int) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
+def is_dicom(path: str | Path) -> bool:
+    """Whether a file is DICOM, judged by its suffix (``.dcm`` / ``.dicom``)."""
+    return Path(path).suffix.lower() in DICOM_SUFFIXES
+
+
+def read_dicom(path: str | Path) -> np.ndarray:
+    """The first frame of a DICOM file as uint8 [H, W] (grayscale) or [H, W, 3] (colour).
+
+    Grayscale: modality LUT (rescale slope / intercept), then the VOI LUT or window of the file,
+    then a stretch of the result's own range to 0-255; MONOCHROME1 (high values dark) is inverted.
+    """
+    import pydicom  # imported here: only DICOM datasets need it
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(path)
+    arr = ds.pixel_array
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        arr = arr[0]
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if not photometric.startswith("MONOCHROME"):
+        return np.asarray(arr, dtype=np.uint8)  # colour DICOM: pydicom already converted it to RGB
+    arr = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+    if photometric == "MONOCHROME1":
+        arr = 255.0 - arr
+    return np.clip(np.round(arr), 0, 255).astype(np.uint8)
+
+
 def image_channels(path: str | Path) -> int:
     """Native channels of an image file from its header: 1 for grayscale modes, else 3."""
+    if is_dicom(path):
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as err:  # pydicom raises InvalidDicomError, OSError, EOFError...
+            raise ValueError(
+                f"cannot read DICOM {path} ({err}); pass channels explicitly or fix the file."
+            ) from err
+        return 3 if int(ds.get("SamplesPerPixel", 1) or 1) == 3 else 1
     try:
         with Image.open(path) as img:
             mode = img.mode

@@ -29,6 +29,8 @@ class _FileDataModule(ImageClassificationDataModule):
     """Shared part of the file-based modules: split, channels, cache and the ``SplitData``."""
 
     _kind = "files"
+    #: Optional int per file, yielded as the batch key ``"group"`` (set by subclasses).
+    sample_groups: np.ndarray | None = None
 
     def _init_files(
         self,
@@ -43,6 +45,14 @@ class _FileDataModule(ImageClassificationDataModule):
         self._image_cache: cache.ImageCache | None = None
         channels = cache.image_channels(files[0]) if channels is None else channels
         self._set_classes(class_names, "binary" if len(class_names) == 2 else "multiclass", channels)
+        train_counts = np.bincount(labels[splits["train"]], minlength=len(class_names))
+        if not train_counts.all():
+            # A class without training samples cannot be learnt; its metrics would be meaningless.
+            empty = [c for c, n in zip(class_names, train_counts, strict=True) if n == 0]
+            raise ValueError(
+                f"class(es) {empty} have no training samples after the split ({type(self).__name__}); "
+                "drop or merge those classes, or change seed, val_fraction or test_fraction."
+            )
         self._set_train_labels(labels[splits["train"]])
 
     def _cache(self) -> cache.ImageCache:
@@ -66,6 +76,7 @@ class _FileDataModule(ImageClassificationDataModule):
                 ids=[self.ids[i] for i in idx],
                 rows=idx,
                 valid=c.valid[idx],
+                groups=None if self.sample_groups is None else self.sample_groups[idx],
             )
             for s, idx in self.splits.items()
         }
@@ -275,3 +286,28 @@ def _warn_group_leak(groups: np.ndarray, splits: dict[str, np.ndarray], where: P
     leaked = sorted(g for g, where_g in seen_in.items() if len(where_g) > 1)
     if leaked:
         log.warning("%s: %d group(s) appear in more than one split (e.g. %s).", where, len(leaked), leaked[0])
+
+
+def read_table(path: Path, required: Sequence[str], source: str) -> pd.DataFrame:
+    """Reads a dataset's CSV (``.csv`` or ``.csv.gz``) as strings and checks its columns.
+
+    Args:
+        path: The table.
+        required: Columns it must have.
+        source: Where the table comes from, named in errors (e.g. "the HAM10000 download, https://...").
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; expected {path.name} from {source}.")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read {path} as a CSV table ({err}); re-download it from {source}.") from err
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"{path} lacks the columns {missing} (has {list(df.columns)[:12]}); expected the {path.name} "
+            f"of {source}."
+        )
+    if df.empty:
+        raise ValueError(f"{path} has no rows; re-download it from {source}.")
+    return df
