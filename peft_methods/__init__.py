@@ -5,6 +5,8 @@ from peft_methods.base import PeftMethod, build_method, count_params
 from peft_methods.convpass import Convpass
 from peft_methods.diffusion import DiffFit, SVDiff
 from peft_methods.fact import FacT
+from peft_methods.lora import DoRA, LoHa, LoKr, LoRA, VeRA
+from peft_methods.multiplicative import BOFT, IA3, OFT
 from peft_methods.selective import (
     AttentionTuning,
     BitFit,
@@ -34,26 +36,42 @@ ALL_METHODS: tuple[type[PeftMethod], ...] = (
     TSA,
     DiffFit,
     SVDiff,
+    LoRA,
+    DoRA,
+    LoHa,
+    LoKr,
+    OFT,
+    BOFT,
+    IA3,
+    VeRA,
 )
 
 __all__ = [
     "ALL_METHODS",
+    "BOFT",
     "AdaptFormer",
     "Adapter",
     "AttentionTuning",
     "BitFit",
     "Convpass",
+    "DoRA",
     "DiffFit",
     "FacT",
     "FullFineTuning",
+    "IA3",
     "LinearProbe",
+    "LoHa",
+    "LoKr",
+    "LoRA",
     "NormBiasAttention",
     "NormTuning",
+    "OFT",
     "PeftMethod",
     "SSF",
     "SVDiff",
     "TSA",
     "VPT",
+    "VeRA",
     "build_method",
     "count_params",
 ]

@@ -99,6 +99,7 @@ def _is_diffusers_attention(module: nn.Module) -> bool:
     return (
         all(isinstance(getattr(module, n, None), nn.Linear) for n in ("to_q", "to_k", "to_v"))
         and isinstance(to_out, nn.ModuleList)
+        and len(to_out) > 0
         and isinstance(to_out[0], nn.Linear)
     )
 
