@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from lightning_modules import results
 from lightning_modules.backbones import create_backbone
 from lightning_modules.feature_cache import FrozenFeatureCache
-from lightning_modules.metrics import TASKS, classification_metrics, confusion_figure
+from lightning_modules.metrics import TASKS, classification_metrics, confusion_figure, per_group_metrics
 from lightning_modules.speedups import (
     can_fuse_adamw,
     is_convolutional,
@@ -163,6 +163,8 @@ class ImageClassifier(L.LightningModule):
         # Frozen backbone weights are not in checkpoints, so loading must not demand them.
         self.strict_loading = False
         self._predictions: list[dict[str, Any]] = []
+        self._group_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._per_group: dict[str, dict[str, float]] = {}
         self._timer: results.StageTimer | None = None
 
     # ------------------------------------------------------------------ forward / steps
@@ -212,7 +214,7 @@ class ImageClassifier(L.LightningModule):
             return F.binary_cross_entropy_with_logits(logits.float(), target.float())
         return F.cross_entropy(logits.float(), target, label_smoothing=self.hparams.label_smoothing)
 
-    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+    def _step(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self(batch["image"])
         target = batch["label"]
         loss = self._loss(logits, target)
@@ -226,10 +228,10 @@ class ImageClassifier(L.LightningModule):
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=size)
         if stage != "train" and self.task != "multilabel":
             getattr(self, f"{stage}_confusion").update(probs.argmax(-1), metric_target)
-        return loss
+        return loss, probs
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self._step(batch, "train")
+        loss, _ = self._step(batch, "train")
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"Training loss is {loss.item()} at step {self.global_step}: lower the learning rate "
@@ -241,7 +243,9 @@ class ImageClassifier(L.LightningModule):
         self._step(batch, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, "test")
+        _, probs = self._step(batch, "test")
+        if "group" in batch:  # subgroup labels (e.g. skin type): metrics per group at the end
+            self._group_outputs.append((probs.cpu(), batch["label"].long().cpu(), batch["group"].long().cpu()))
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         probs = self.probabilities(self(batch["image"])).cpu()
@@ -284,6 +288,17 @@ class ImageClassifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_confusion("test")
+        self._per_group = {}
+        if not self._group_outputs:
+            return
+        probs, target, groups = (torch.cat(t) for t in zip(*self._group_outputs, strict=True))
+        self._group_outputs = []
+        if self.trainer.world_size > 1:  # every rank holds a shard of the test set
+            gathered: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, (probs, target, groups))
+            probs, target, groups = (torch.cat(t) for t in zip(*gathered, strict=True))
+        names = getattr(self.trainer.datamodule, "group_names", None)
+        self._per_group = per_group_metrics(self.task, self.num_classes, probs, target, groups, names)
 
     def on_fit_start(self) -> None:
         self._timer = results.StageTimer()
@@ -337,6 +352,7 @@ class ImageClassifier(L.LightningModule):
 
     def on_test_start(self) -> None:
         self._timer = results.StageTimer()
+        self._group_outputs = []
 
     def on_test_end(self) -> None:
         metrics = {
@@ -356,6 +372,7 @@ class ImageClassifier(L.LightningModule):
             "test_wall_time_s": self._timer.seconds if self._timer else None,
             "peak_memory_mb": results.peak_memory_mb(self.device),
             "checkpoint": self.trainer.ckpt_path,
+            **({"per_group": self._per_group} if self._per_group else {}),
         })
 
     def on_predict_start(self) -> None:

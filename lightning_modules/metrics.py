@@ -80,3 +80,31 @@ def confusion_figure(matrix: torch.Tensor, class_names: list[str], title: str): 
                     color="white" if counts[i, j] > threshold else "black")
     fig.tight_layout()
     return fig
+
+
+def per_group_metrics(
+    task: str,
+    num_classes: int,
+    probs: torch.Tensor,
+    target: torch.Tensor,
+    groups: torch.Tensor,
+    names: dict[int, str] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Test metrics per subgroup (e.g. Fitzpatrick skin type), so fairness gaps are visible.
+
+    AUROC is reported only where every class occurs in the group (it is undefined otherwise).
+    """
+    out: dict[str, dict[str, float]] = {}
+    for value in sorted(int(g) for g in groups.unique()):
+        mask = groups == value
+        collection = classification_metrics(task, num_classes, "", only=("acc", "balanced_acc", "f1"))
+        collection.update(probs[mask], target[mask])
+        row = {k: float(v) for k, v in collection.compute().items()}
+        row["n"] = int(mask.sum())
+        present = target[mask].unique().numel() if task != "multilabel" else 0
+        if task != "multilabel" and present == num_classes:
+            auroc = classification_metrics(task, num_classes, "", only=("auroc",))
+            auroc.update(probs[mask], target[mask])
+            row["auroc"] = float(auroc.compute()["auroc"])
+        out[(names or {}).get(value, str(value))] = row
+    return out

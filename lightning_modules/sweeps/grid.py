@@ -11,7 +11,7 @@ import hashlib
 import itertools
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 SEED_KEY = "seed_everything"
 TOP_KEYS = ("name", "out", "configs", "overrides", "grid", "exclude", "tune", "slurm", "report", "max_parallel")
+SLURM_KEYS = ("partition", "account", "qos", "constraint", "gpus_per_node", "nodes", "cpus_per_task",
+              "mem_gb", "time_min", "setup", "additional_parameters")
 DEFAULT_OVERRIDES = {"trainer.enable_progress_bar": False}  # tqdm bars make unreadable log files
 MAX_NAME = 120
 
@@ -79,10 +81,6 @@ class Sweep:
     slurm: dict[str, Any]
     report: dict[str, Any]
     max_parallel: int | None
-    raw: dict[str, Any] = field(default_factory=dict)
-
-    def axis(self, key: str) -> Axis | None:
-        return next((a for a in self.axes if a.key == key), None)
 
     def points(self) -> list[dict[str, Any]]:
         """Every combination of axis values (grid order) that no exclude rule removes."""
@@ -130,7 +128,8 @@ def format_value(value: Any) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, float):
-        return repr(value)
+        mantissa, _, exponent = repr(value).partition("e")  # YAML 1.1 reads 1e-05 as a string
+        return f"{mantissa}{'' if '.' in mantissa or not exponent else '.0'}{'e' + exponent if exponent else ''}"
     return json.dumps(value, separators=(",", ":"))
 
 
@@ -193,11 +192,13 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
     if not isinstance(configs, list):
         raise ValueError(f"{path}: 'configs' must be a list of config files, e.g. [configs/demo.yaml].")
     configs = [_config(c, f"{path}: configs") for c in configs]
-    overrides = {**DEFAULT_OVERRIDES, **_mapping(raw, "overrides", path)}
+    overrides = _mapping(raw, "overrides", path)
     grid = _mapping(raw, "grid", path)
     if not grid:
         raise ValueError(f"{path}: the grid is empty; add at least one axis under 'grid:'.")
     axes = _axes(grid, path, overrides)
+    defaults = {k: v for k, v in DEFAULT_OVERRIDES.items() if k not in grid}
+    overrides = {**defaults, **overrides}
     tune = _tune(raw.get("tune"), path, axes)
     if tune is not None:
         labels = _key_labels([a.key for a in axes if not a.is_config] + [tune.axis])
@@ -206,11 +207,13 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
     max_parallel = raw.get("max_parallel")
     if max_parallel is not None and (not isinstance(max_parallel, int) or max_parallel < 1):
         raise ValueError(f"{path}: max_parallel must be a positive integer, got {max_parallel!r}.")
+    unknown = sorted(set(_mapping(raw, "slurm", path)) - set(SLURM_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: slurm: unknown key(s) {unknown}; use {list(SLURM_KEYS)}.")
     sweep = Sweep(
         path=path.resolve(), name=name, out=Path(out or raw.get("out") or Path("sweeps") / name).resolve(),
         configs=configs, overrides=overrides, axes=axes, exclude=exclude, tune=tune,
         slurm=_mapping(raw, "slurm", path), report=_mapping(raw, "report", path), max_parallel=max_parallel,
-        raw=raw,
     )
     if not sweep.points():
         raise ValueError(f"{path}: the exclude rules remove every run of the grid; nothing to run.")
@@ -241,8 +244,8 @@ def _axes(grid: dict[str, Any], path: Path, overrides: dict[str, Any]) -> list[A
             resolved = [_config(v, where) for v in values]
             axes.append(Axis(key, tuple(resolved), True, key, tuple(_config_labels(resolved))))
             continue
-        if "." not in key and key != SEED_KEY or any(v.endswith((".yaml", ".yml")) for v in values
-                                                      if isinstance(v, str)):
+        mixed = any(isinstance(v, str) and v.endswith((".yaml", ".yml")) for v in values)
+        if mixed or ("." not in key and key != SEED_KEY):
             raise ValueError(
                 f"{where}: values must all be YAML config files (a config-file axis) or the key must be a "
                 f"dotted run.py option such as data.init_args.train_fraction or {SEED_KEY}."
@@ -297,7 +300,8 @@ def _exclude(rules: Any, path: Path, axes: list[Axis]) -> list[dict[str, set[int
             if key not in by_key:
                 raise ValueError(f"{where}: '{key}' is not a grid axis (axes: {list(by_key)}).")
             axis = by_key[key]
-            options = value if isinstance(value, list) and not (not axis.is_config and value in axis.values) else [value]
-            entry[key] = {axis.index(v, where) for v in options}
+            # A list means any of its items, unless the list itself is one value of an override axis.
+            any_of = isinstance(value, list) and (axis.is_config or value not in axis.values)
+            entry[key] = {axis.index(v, where) for v in (value if any_of else [value])}
         parsed.append(entry)
     return parsed

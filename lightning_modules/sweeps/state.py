@@ -32,7 +32,11 @@ class SweepState:
         self._lock = threading.Lock()
         self.data: dict[str, Any] = {"sweep": sweep_file, "runs": {}}
         if self.path.is_file():
-            loaded = json.loads(self.path.read_text())
+            try:
+                loaded = json.loads(self.path.read_text())
+            except ValueError as err:
+                raise ValueError(f"{self.path} is not valid JSON ({err}); delete it to rebuild it from the run "
+                                 "directories, which keep every finished result.") from None
             self.data["runs"] = loaded.get("runs", {})
             self.data["plan"] = loaded.get("plan", {})
 
