@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
 import traceback
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +141,8 @@ def discard_unfinished_run(trainer: L.Trainer | None, subcommand: str) -> None:
 
 def cli_main(args: list[str] | None = None) -> MedPeftCLI:
     """Runs one subcommand (fit / validate / test / predict) with ``configs/base.yaml`` first."""
-    defaults = {"default_config_files": [str(BASE_CONFIG)]}
+    # Parse errors raise (exit_on_error=False) so main() can end them with one clear line.
+    defaults = {"default_config_files": [str(BASE_CONFIG)], "exit_on_error": False}
     return MedPeftCLI(
         L.LightningModule,
         L.LightningDataModule,
@@ -147,7 +150,7 @@ def cli_main(args: list[str] | None = None) -> MedPeftCLI:
         subclass_mode_data=True,
         save_config_callback=RunConfigSaver,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={sub: dict(defaults) for sub in SUBCOMMANDS},
+        parser_kwargs={"exit_on_error": False, **{sub: dict(defaults) for sub in SUBCOMMANDS}},
         auto_configure_optimizers=False,
         args=args,
     )
@@ -182,11 +185,39 @@ def _is_ours(filename: str) -> bool:
     return rel.parts[0].removesuffix(".py") in OUR_PACKAGES
 
 
+def parse_error_message(err: BaseException) -> str:
+    """One sentence from a jsonargparse error: the full option key and its innermost complaint."""
+    text = str(err)
+    keys = re.findall(r'Parser key "([^"]+)"', text)
+    where = f" for '{'.init_args.'.join(keys)}'" if keys else ""
+    lines = [ln.strip() for ln in text.splitlines()]
+    detail = ""
+    for i, line in enumerate(lines):  # the innermost class that could not be imported wins
+        found = re.match(r"- Problem with given class_path '([^']+)':", line)
+        if found and i + 1 < len(lines) and not lines[i + 1].startswith("Parser key"):
+            detail = f"cannot use '{found.group(1)}' ({lines[i + 1]})"
+    if not detail:
+        noise = ("Parser key", "- Problem with given class_path", "Does not validate", "Subtypes", "Errors:",
+                 "Given value", "- Expected a <class 'NoneType'>", "- Expected a path but")
+        useful = [ln.lstrip("- ") for ln in lines if ln and not ln.startswith(noise)]
+        detail = useful[-1] if useful else text.strip()
+    return (
+        f"Invalid configuration{where}: {detail.rstrip('.')}. Check the option's spelling and value "
+        "(python run.py fit --help lists them)."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: our user-facing errors end the output as one line, exit code 1."""
     try:
         cli_main(argv)
+    except ArgumentError as err:
+        print(f"error: {parse_error_message(err)}", file=sys.stderr)
+        return 2
     except Exception as err:  # noqa: BLE001 - filtered below; bugs keep their traceback
+        if isinstance(err, TypeError) and "Parser key" in str(err):  # a value of the wrong type
+            print(f"error: {parse_error_message(err)}", file=sys.stderr)
+            return 2
         found = user_error(err)
         if found is None or os.environ.get("MEDPEFT_DEBUG"):
             raise

@@ -38,7 +38,8 @@ def state(path: Path) -> dict[str, torch.Tensor]:
 
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(in_tmp: Path) -> None:
     epochs = ["--trainer.max_epochs", "3"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # Same thread count as this process: float reductions (and so bit-exact results) depend on it.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     cmd = [sys.executable, RUN_PY, "fit", *TINY, *epochs, "--trainer.logger.init_args.name", "killed"]
     proc = subprocess.Popen(cmd, cwd=in_tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = in_tmp / "runs/killed/version_0/checkpoints/last.ckpt"
