@@ -24,6 +24,7 @@ from lightning_modules.sweeps.plan import RunSpec
 from lightning_modules.sweeps.state import DONE, FAILED
 
 RUN_PY = ROOT / "run.py"
+ARRAY_SIZE = 1000  # SLURM's default MaxArraySize is 1001
 OnStart = Callable[..., None]
 OnDone = Callable[[RunSpec, "RunResult"], None]
 Todo = Sequence[tuple[RunSpec, tuple[str, ...]]]
@@ -166,27 +167,35 @@ class SubmititExecutor:
         return executor
 
     def run(self, todo: Todo, on_start: OnStart, on_done: OnDone) -> None:
-        import submitit
-
         if str(ROOT) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):  # local jobs import us
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
         executor = self.make()
         todo = list(todo)
-        # A SLURM array throttles itself; submitit's local processes would all start at once.
-        size = len(todo) if self.cluster == "slurm" else self.max_parallel
-        for begin in range(0, len(todo), max(1, size)):
-            batch = todo[begin:begin + size]
-            jobs = executor.map_array(execute, [r for r, _ in batch], [s for _, s in batch])
-            by_id = {}
-            for (run, _), job in zip(batch, jobs, strict=True):
-                by_id[job.job_id] = run
-                on_start(run, job_id=job.job_id)
-            for job in submitit.helpers.as_completed(jobs):
-                try:
-                    result = job.result()
-                except Exception as err:  # noqa: BLE001 - a killed / timed-out job fails its run only
-                    result = RunResult(FAILED, f"job {job.job_id}: {last_error(str(err))}", 0.0)
-                on_done(by_id[job.job_id], result)
+        if self.cluster == "slurm":  # all arrays at once (SLURM throttles them), <= 1000 elements each
+            self._wait(executor, [self._submit(executor, todo[i:i + ARRAY_SIZE], on_start)
+                                  for i in range(0, len(todo), ARRAY_SIZE)], on_done)
+            return
+        for i in range(0, len(todo), self.max_parallel):  # submitit's local jobs would all start at once
+            self._wait(executor, [self._submit(executor, todo[i:i + self.max_parallel], on_start)], on_done)
+
+    @staticmethod
+    def _submit(executor: Any, batch: Todo, on_start: OnStart) -> list[tuple[RunSpec, Any]]:
+        jobs = executor.map_array(execute, [r for r, _ in batch], [s for _, s in batch])
+        for (run, _), job in zip(batch, jobs, strict=True):
+            on_start(run, job_id=job.job_id)
+        return [(run, job) for (run, _), job in zip(batch, jobs, strict=True)]
+
+    @staticmethod
+    def _wait(executor: Any, arrays: list[list[tuple[RunSpec, Any]]], on_done: OnDone) -> None:
+        import submitit
+
+        runs = {job.job_id: run for array in arrays for run, job in array}
+        for job in submitit.helpers.as_completed([job for array in arrays for _, job in array]):
+            try:
+                result = job.result()
+            except Exception as err:  # noqa: BLE001 - a killed / timed-out job fails its run only
+                result = RunResult(FAILED, f"job {job.job_id}: {last_error(str(err))}", 0.0)
+            on_done(runs[job.job_id], result)
 
 
 def slurm_job_alive(job_id: str) -> bool:

@@ -32,23 +32,30 @@ def _condense(stderr: str) -> str:
     return " ".join(line for line in lines if line and not line.startswith(BOILERPLATE))
 
 
-def resolve_config(run: RunSpec, cli_main: Callable[[list[str]], Any], stage: str = "fit") -> dict[str, Any]:
-    """The config ``run.py`` resolves for ``run`` (``--print_config``, nothing instantiated or written)."""
+def resolve_config(run: RunSpec, cli_main: Callable[[list[str]], Any],
+                   describe: Callable[[BaseException], str] | None = None) -> dict[str, Any]:
+    """The config ``run.py fit`` resolves for ``run`` (``--print_config``: nothing instantiated or written).
+
+    ``describe`` turns a parser exception into one sentence (``run.parse_error_message``).
+    """
     out, err = io.StringIO(), io.StringIO()
-    code: Any = 0
+    detail = None
     try:
         # sys.argv is the sweep's own command line: hide it from LightningCLI.
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
                 mock.patch.object(sys, "argv", sys.argv[:1]):
-            cli_main([stage, *run.args(), "--print_config"])
+            cli_main(["fit", *run.args(), "--print_config"])
     except SystemExit as exit_:
-        code = exit_.code
+        if exit_.code not in (0, None):
+            detail = _condense(err.getvalue())
     except Exception as exc:  # noqa: BLE001 - reported as the run's configuration error
-        code, err = 1, io.StringIO(f"error: {exc}")
-    if code not in (0, None):
+        detail = describe(exc) if describe else _condense(f"error: {exc}")
+    if detail is not None and describe is not None:
+        raise ValueError(f"run '{run.name}' of the sweep is rejected by run.py: {detail}")
+    if detail is not None:
         raise ValueError(
-            f"run '{run.name}' is rejected by run.py: {_condense(err.getvalue())} (check the sweep's axis "
-            f"keys and values against: python run.py fit {' '.join(run.args()[:6])} ... --print_config)."
+            f"run '{run.name}' of the sweep is rejected by run.py: {detail.rstrip('.')}. Check the sweep's axis "
+            f"keys and values against: python run.py fit {' '.join(run.args()[:6])} ... --print_config"
         )
     return yaml.safe_load(out.getvalue()) or {}
 

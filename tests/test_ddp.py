@@ -1,0 +1,105 @@
+"""DDP end to end: ``run.py fit`` on 2 CPU processes (gloo) for LoRA, VPT and SSF on a tiny ViT.
+
+DDP relaunches the script, so each run is a real ``python run.py`` subprocess. The run directory
+must look like a single-process run's (same validation metrics, same checkpoint tensors) and be
+written once, by rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import run
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+METHODS = ("lora", "vpt_shallow", "ssf")
+TINY_VIT = [
+    "--config", str(CONFIGS / "demo.yaml"),
+    "--model.init_args.backbone", "vit_tiny_patch16_224",
+    "--model.init_args.pretrained", "false",
+    "--model.init_args.export_adapter", "false",
+    "--data.init_args.image_size", "32",
+    "--data.init_args.num_train", "32",
+    "--data.init_args.num_val", "16",
+    "--data.init_args.num_test", "16",
+    "--data.init_args.batch_size", "8",
+    "--data.init_args.num_workers", "0",
+    "--data.init_args.augment", "false",
+    "--trainer.max_epochs", "1",
+    "--trainer.precision", "32-true",
+    "--trainer.enable_progress_bar", "false",
+]
+
+
+def scalar_tags(version: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: set[str] = set()
+    for events in version.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    return tags
+
+
+def run_py(stage: str, args: list[str], cwd: Path) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), stage, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    return output
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ddp_fit_matches_single_process_layout_and_writes_once(in_tmp: Path, method: str) -> None:
+    method_yaml = CONFIGS / "peft" / f"{method}.yaml"
+    if not method_yaml.is_file():
+        pytest.skip(f"{method_yaml.name} is not written yet")
+    args = [*TINY_VIT, "--config", str(method_yaml), "--trainer.logger.init_args.save_dir", str(in_tmp / "runs")]
+    ddp = [*args, "--config", str(CONFIGS / "trainer" / "cpu_ddp.yaml"), "--trainer.logger.init_args.name", "ddp"]
+    output = run_py("fit", ddp, in_tmp)
+    assert "MEMBER: 2/2" in output, "two DDP processes must have joined"
+    run.cli_main(["fit", *args, "--trainer.logger.init_args.name", "single"])
+
+    ddp_dirs = list((in_tmp / "runs" / "ddp").iterdir())
+    assert [p.name for p in ddp_dirs] == ["version_0"], "rank 1 must not create a run dir of its own"
+    ddp_dir, single_dir = ddp_dirs[0], in_tmp / "runs" / "single" / "version_0"
+    assert {p.name for p in (ddp_dir / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
+    assert len(list(ddp_dir.glob("events.out.tfevents.*"))) == 1
+    assert len(list(in_tmp.rglob("fit_summary.json"))) == 2 and (ddp_dir / "config.yaml").is_file()
+
+    ddp_val = {t for t in scalar_tags(ddp_dir) if t.startswith("val/")}
+    single_val = {t for t in scalar_tags(single_dir) if t.startswith("val/")}
+    assert ddp_val == single_val and {"val/auroc", "val/acc", "val/loss"} <= ddp_val
+
+    ddp_summary = json.loads((ddp_dir / "fit_summary.json").read_text())
+    single_summary = json.loads((single_dir / "fit_summary.json").read_text())
+    assert ddp_summary.keys() == single_summary.keys()
+    assert (ddp_summary["global_steps"], single_summary["global_steps"]) == (2, 4), "each rank sees half the data"
+    assert 0.0 <= ddp_summary["best_score"] <= 1.0
+
+    load = lambda d: torch.load(d / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)  # noqa: E731
+    ddp_state, single_state = load(ddp_dir)["state_dict"], load(single_dir)["state_dict"]
+    assert ddp_state.keys() == single_state.keys()
+    assert all(ddp_state[k].shape == single_state[k].shape for k in ddp_state)
+
+    if method != "lora":
+        return
+    run_py("test", ddp, in_tmp)  # the best checkpoint of this run, tested on both ranks
+    run.cli_main(["test", *args, "--trainer.logger.init_args.name", "single"])
+    assert [p.name for p in (in_tmp / "runs" / "ddp").iterdir()] == ["version_0"]
+    assert len(list((in_tmp / "runs" / "ddp").rglob("metrics.json"))) == 1
+    ddp_metrics = json.loads((ddp_dir / "metrics.json").read_text())
+    single_metrics = json.loads((single_dir / "metrics.json").read_text())
+    assert ddp_metrics.keys() == single_metrics.keys()
+    assert ddp_metrics["metrics"].keys() == single_metrics["metrics"].keys() >= {"acc", "auroc", "loss"}
+    assert ddp_metrics["trainable_params"] == single_metrics["trainable_params"]
