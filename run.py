@@ -134,8 +134,10 @@ def discard_unfinished_run(trainer: L.Trainer | None, subcommand: str) -> None:
     """A fit that failed before writing any checkpoint leaves no run dir claiming a result."""
     if subcommand != "fit" or trainer is None or not trainer.is_global_zero:
         return
-    log_dir = trainer.log_dir
-    if log_dir and Path(log_dir).is_dir() and not any(Path(log_dir).rglob("*.ckpt")):
+    from lightning_modules.results import run_dir
+
+    log_dir = run_dir(trainer)  # not trainer.log_dir: a collective that would hang other ranks
+    if trainer.loggers and log_dir.is_dir() and not any(log_dir.rglob("*.ckpt")):
         shutil.rmtree(log_dir, ignore_errors=True)
 
 

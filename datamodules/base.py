@@ -9,6 +9,7 @@ subsets, transforms, seeded loaders and logging.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 from torchvision.transforms import v2
 
 from datamodules.splits import check_low_data_args, low_data_subset
@@ -259,28 +261,39 @@ class ImageClassificationDataModule(L.LightningDataModule):
         )
 
 
-class EpochShuffleSampler(Sampler[tuple[int, int]]):
+class EpochShuffleSampler(DistributedSampler):
     """Yields ``(index, augmentation seed)`` in an order that depends only on (seed, epoch).
 
     Lightning calls ``set_epoch``. A loader-held generator would continue its stream across epochs,
     so a run resumed at epoch k would see another order than one that never stopped; per-sample
-    augmentation seeds make the pixels independent of worker count and prefetching too.
+    augmentation seeds make the pixels independent of worker count and prefetching too. Under
+    DDP it shards the epoch's order itself (padded like DistributedSampler), so Lightning uses it
+    as is instead of wrapping it, and every rank sees fresh augmentation each epoch.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
+    def __init__(self, size: int, seed: int) -> None:  # noqa: D107 - no dataset / process group needed
         self.size, self.seed, self.epoch = size, seed, 0
+        dist = torch.distributed
+        ready = dist.is_available() and dist.is_initialized()
+        self.num_replicas = dist.get_world_size() if ready else 1
+        self.rank = dist.get_rank() if ready else 0
+        self.num_samples = math.ceil(size / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+        self.shuffle, self.drop_last = True, False
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        return self.num_samples
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
         order = torch.randperm(self.size, generator=gen).tolist()
         aug = torch.randint(0, 2**62, (self.size,), generator=gen).tolist()
-        return iter(zip(order, aug, strict=True))
+        pairs = list(zip(order, aug, strict=True))
+        pairs += pairs[: self.total_size - self.size]  # equal shards on every rank
+        return iter(pairs[self.rank :: self.num_replicas])
 
 
 def _take(data: SplitData, idx: np.ndarray) -> SplitData:

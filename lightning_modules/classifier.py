@@ -264,7 +264,8 @@ class ImageClassifier(L.LightningModule):
         # Re-seed every epoch from (global seed, epoch): epoch k's shuffling, augmentation and
         # dropout then do not depend on how the process got there, so a resumed run is exact.
         base = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        seed = (base * 1_000_003 + self.current_epoch) % 2**32
+        # Ranks get distinct streams (dropout differs per shard, as in a single large batch).
+        seed = (base * 1_000_003 + self.current_epoch + 7_919 * self.global_rank) % 2**32
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
