@@ -4,8 +4,9 @@ Each choice gives the same results as the default path up to float rounding (tes
 
 - Attention: on CPU, timm's fused attention (``scaled_dot_product_attention``, whose CPU flash kernel
   has a slow backward) trains ViT attention 1.6-2.8x slower than the explicit softmax(QK^T / sqrt(d)) V
-  of the same timm module (measured at 197-577 tokens, bf16 autocast). The explicit path holds the
-  N x N scores, so it is only chosen while they stay small (``EXPLICIT_ATTENTION_MAX_TOKENS``).
+  of the same timm module (measured at 197-577 tokens, bf16 autocast). The explicit path keeps the
+  B x heads x N x N attention probabilities for the backward pass (ViT-B/16 at 224 px, batch 32:
+  ~1 GB), so it is only chosen up to ``EXPLICIT_ATTENTION_MAX_TOKENS`` tokens per image.
 - channels_last: oneDNN convolutions run ~25% faster on NHWC tensors (ResNet-50, bf16, CPU).
 - fused AdamW: one kernel over all tensors of a parameter group instead of a Python loop over them.
 """
@@ -17,9 +18,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-#: Above this many tokens per image the explicit attention scores (B x heads x N x N) cost more
-#: memory than the fused kernel saves time; timm's fused attention is kept.
-EXPLICIT_ATTENTION_MAX_TOKENS = 1024
+#: Above this many tokens per image (224-256 px ViTs have 197-257) the quadratic memory of the
+#: explicit attention outweighs its speed; timm's fused attention is kept.
+EXPLICIT_ATTENTION_MAX_TOKENS = 400
 
 
 def set_fused_attention(model: nn.Module, enabled: bool) -> int:

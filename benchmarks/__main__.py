@@ -1,0 +1,187 @@
+"""Every performance ratio of medpeft, measured side by side in one run.
+
+``python -m benchmarks [--quick] [--json FILE] [--threads N] [--clock cpu|wall] [--only FAMILY ...]``
+prints a table (targets marked PASS / FAIL, with the reason where a target stays out of reach) and
+writes one JSON object: the flat ratios (``step_ratio.<config>``, ``merged_infer_ratio.<config>``,
+...), plus ``machine``, ``settings``, ``targets``, ``other_clock`` and ``details``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never wait for the hub
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the targets' configs only, fewer rounds (< 10 min)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results object here")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: per-work ratios, robust to other jobs on the cores)")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="clock of the reported ratios (the other is kept under other_clock)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="FAMILY",
+                        help="run only these families: " + ", ".join(FAMILIES))
+    return parser.parse_args(argv)
+
+
+def _flat(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}.{k}": v for k, v in values.items()}
+
+
+def _steps(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    from benchmarks.harness import RESNET, VIT
+    from benchmarks.steps import QUICK, channels_last_ratio, step_ratios
+
+    quick = ctx["quick"]
+    vit, vit_d = step_ratios(VIT, QUICK[VIT] if quick else None, rounds=8 if quick else 10)
+    cnn, cnn_d = step_ratios(RESNET, QUICK[RESNET] if quick else None, rounds=4 if quick else 6)
+    nhwc, nhwc_d = channels_last_ratio(RESNET, "full", rounds=3 if quick else 5)
+    adapters = vit_d.pop("adapter_bytes")
+    results = {**_flat("step_ratio", vit), **_flat("step_ratio_resnet50", cnn),
+               "channels_last_ratio_resnet50": nhwc, **_flat("adapter_bytes", adapters)}
+    return results, {"step_ratio": vit_d, "step_ratio_resnet50": cnn_d, "channels_last_ratio_resnet50": nhwc_d}
+
+
+def _inference(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    from benchmarks.harness import peft_configs
+    from benchmarks.inference import infer_ratios
+    from benchmarks.steps import QUICK
+
+    names = QUICK["vit_small_patch16_224"] if ctx["quick"] else tuple(peft_configs())
+    merged, unmerged, details = infer_ratios(names, rounds=5 if ctx["quick"] else 10)
+    return {**_flat("merged_infer_ratio", merged), **_flat("unmerged_infer_ratio", unmerged)}, {"infer": details}
+
+
+def _lightning(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    from benchmarks.lightning_loop import lightning_overhead
+
+    value, details = lightning_overhead("lora", steps=10 if ctx["quick"] else 16)
+    return {"lightning_overhead": value}, {"lightning_overhead": details}
+
+
+def _peft_lib(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    from benchmarks.steps import peft_lib_ratio
+
+    value, details = peft_lib_ratio(rounds=3 if ctx["quick"] else 6)
+    return {"peft_lib_ratio": value}, {"peft_lib_ratio": details}
+
+
+def _data(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    from benchmarks.data import cached_epoch_ratio, linear_probe_cached_ratio, png_folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root, kind = png_folder(Path(tmp))
+        cached, cached_d = cached_epoch_ratio(root, rounds=1 if ctx["quick"] else 2)
+        probe, probe_d = linear_probe_cached_ratio(root, train_fraction=0.3 if ctx["quick"] else 1.0,
+                                                   rounds=1 if ctx["quick"] else 2)
+    return ({"cached_epoch_ratio": cached, "linear_probe_cached_ratio": probe},
+            {"data": kind, "cached_epoch_ratio": cached_d, "linear_probe_cached_ratio": probe_d})
+
+
+def _t2i(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    import inspect
+
+    from lightning_modules.text_to_image import TextToImage
+
+    if "precompute" not in inspect.signature(TextToImage).parameters:
+        reason = "unavailable: TextToImage has no precompute option"
+        return {"t2i_cached_latents_ratio": reason}, {}
+    from benchmarks.t2i import t2i_cached_latents_ratio
+
+    value, details = t2i_cached_latents_ratio(rounds=5 if ctx["quick"] else 7, steps=12, warmup=2)
+    return {"t2i_cached_latents_ratio": value}, {"t2i_cached_latents_ratio": details}
+
+
+def _memory(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    from benchmarks.harness import peft_configs
+    from benchmarks.memory import peak_mem_ratios
+
+    names = ("lora", "ssf", "bitfit") if ctx["quick"] else tuple(peft_configs())
+    ratios, details = peak_mem_ratios(names, steps=3, threads=ctx["threads"])
+    return _flat("peak_mem_ratio", ratios), {"peak_mem_ratio": details}
+
+
+FAMILIES: dict[str, Callable[[dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]]] = {
+    "steps": _steps, "inference": _inference, "lightning": _lightning, "peft_lib": _peft_lib,
+    "data": _data, "t2i": _t2i, "memory": _memory,
+}
+
+
+def _split_clock(results: dict[str, Any], clock: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Time ratios come as {"wall", "cpu"}: the chosen clock goes to the results, the other aside."""
+    main, other = {}, {}
+    for key, value in results.items():
+        if isinstance(value, dict) and set(value) == {"wall", "cpu"}:
+            main[key] = value[clock]
+            other[key] = value["wall" if clock == "cpu" else "cpu"]
+        else:
+            main[key] = value
+    return main, other
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parse(argv)
+    import lightning  # noqa: F401 - sets its loggers' levels on import; quieted below
+    import torch
+
+    from benchmarks.harness import machine
+    from benchmarks.report import evaluate, table
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("medpeft").setLevel(logging.WARNING)
+    ctx = {"quick": args.quick, "threads": args.threads}
+    families = args.only or list(FAMILIES)
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise SystemExit(f"unknown benchmark families {unknown}; choose from {', '.join(FAMILIES)}.")
+    started = time.perf_counter()
+    results: dict[str, Any] = {}
+    other: dict[str, Any] = {}
+    details: dict[str, Any] = {"family_seconds": {}}
+    for name in families:
+        t0 = time.perf_counter()
+        print(f"[benchmarks] {name} ...", flush=True)
+        values, info = FAMILIES[name](ctx)
+        main_values, other_values = _split_clock(values, args.clock)
+        results.update(main_values)
+        other.update(other_values)
+        details.update(info)
+        details["family_seconds"][name] = round(time.perf_counter() - t0, 1)
+    report = {
+        **results,
+        "machine": machine(),
+        "settings": {"quick": args.quick, "clock": args.clock, "threads": args.threads, "families": families,
+                     "batch": 8, "image_size": 224, "autocast": "bf16", "total_seconds": round(time.perf_counter() - started, 1)},
+        "targets": evaluate(results),
+        "other_clock": other,
+        "details": details,
+    }
+    print()
+    print(table(results, other, args.clock))
+    checks = [r for r in report["targets"] if r["pass"] is not None]
+    print(f"\n{sum(r['pass'] for r in checks)}/{len(checks)} targets met; "
+          f"{report['settings']['total_seconds']} s on {report['machine']['cores']} cores "
+          f"({report['machine']['cpu']}), torch threads {args.threads}, {args.clock} clock.")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

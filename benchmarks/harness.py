@@ -1,0 +1,244 @@
+"""Shared benchmark machinery: interleaved timing, PEFT configs from YAML, model and step builders.
+
+Timing policy: every measurement family runs its cases side by side in one process, alternating
+them round by round (the starting case rotates), with warm-up runs excluded. A ratio is the median
+over rounds of (case time / reference time) in the same round, so slow drifts of the machine's load
+cancel. Every ratio is measured by two clocks: wall time, and process CPU time, which on a machine
+shared with other jobs excludes the time the scheduler gave to them (``--clock`` picks the reported one).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from peft_methods.base import PeftMethod, build_method
+
+ROOT = Path(__file__).resolve().parents[1]
+PEFT_CONFIGS = ROOT / "configs" / "peft"
+VIT = "vit_small_patch16_224"
+RESNET = "resnet50"
+IMAGE_SIZE = 224
+BATCH = 8
+NUM_CLASSES = 3
+
+
+@dataclass
+class Timings:
+    """Per-round wall and CPU seconds of one case (each the median of that round's repeats)."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.wall)
+
+    @property
+    def median_cpu(self) -> float:
+        return statistics.median(self.cpu)
+
+
+def interleaved(
+    cases: dict[str, Callable[[], Any]], rounds: int, repeats: int = 1, warmup: int = 1
+) -> dict[str, Timings]:
+    """Times every case ``repeats`` times per round for ``rounds`` rounds, cases alternating.
+
+    Garbage collection is paused while timing so that it does not land on one case by chance.
+    """
+    names = list(cases)
+    for name in names:
+        for _ in range(warmup):
+            cases[name]()
+    out = {n: Timings() for n in names}
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                wall, cpu = [], []
+                for _ in range(repeats):
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    cases[name]()
+                    wall.append(time.perf_counter() - w0)
+                    cpu.append(time.process_time() - c0)
+                out[name].wall.append(statistics.median(wall))
+                out[name].cpu.append(statistics.median(cpu))
+    finally:
+        gc.enable()
+    return out
+
+
+def adjacent_ratios(
+    cases: dict[str, Callable[[], Any]], ref: Callable[[], Any], rounds: int, repeats: int = 3, warmup: int = 1
+) -> dict[str, dict[str, float]]:
+    """Ratio of each case to ``ref`` with the two run back to back (ref, case, case, ref, ...).
+
+    For short runs (an inference batch) whose noise is bursty: each round's ratio is the median of
+    the case's ``repeats`` runs over the median of the reference runs interleaved with them (the
+    order alternates, so neither side is always second); the result is the median over rounds
+    (the starting case rotates per round).
+    """
+    names = list(cases)
+    for fn in (ref, *cases.values()):
+        for _ in range(warmup):
+            fn()
+    per_round: dict[str, tuple[Timings, Timings]] = {n: (Timings(), Timings()) for n in names}
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                runs = {"ref": Timings(), "case": Timings()}
+                for k in range(repeats):
+                    pair = (("ref", ref), ("case", cases[name]))
+                    for kind, fn in pair if k % 2 == 0 else pair[::-1]:
+                        w0, c0 = time.perf_counter(), time.process_time()
+                        fn()
+                        runs[kind].wall.append(time.perf_counter() - w0)
+                        runs[kind].cpu.append(time.process_time() - c0)
+                case_t, ref_t = per_round[name]
+                for t, kind in ((case_t, "case"), (ref_t, "ref")):
+                    t.wall.append(runs[kind].median)
+                    t.cpu.append(runs[kind].median_cpu)
+    finally:
+        gc.enable()
+    return {n: ratio(*per_round[n]) for n in names}
+
+
+def paired_ratio(case: Timings, ref: Timings, cpu: bool = False) -> float:
+    """Median over rounds of case / reference (same round)."""
+    a, b = (case.cpu, ref.cpu) if cpu else (case.wall, ref.wall)
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def ratio(case: Timings, ref: Timings) -> dict[str, float]:
+    """The paired ratio by both clocks: ``{"wall": ..., "cpu": ...}``."""
+    return {"wall": round(paired_ratio(case, ref), 3), "cpu": round(paired_ratio(case, ref, cpu=True), 3)}
+
+
+def ratios(times: dict[str, Timings], ref: str) -> dict[str, dict[str, float]]:
+    """``ratio`` of every case but ``ref`` against ``ref``."""
+    return {n: ratio(t, times[ref]) for n, t in times.items() if n != ref}
+
+
+def seconds(times: dict[str, Timings]) -> dict[str, dict[str, float]]:
+    """Median seconds of every case by both clocks."""
+    return {n: {"wall": round(t.median, 4), "cpu": round(t.median_cpu, 4)} for n, t in times.items()}
+
+
+def now() -> tuple[float, float]:
+    """(wall, process CPU) seconds."""
+    return time.perf_counter(), time.process_time()
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {
+        "cpu": cpu, "cores": cores, "torch_threads": torch.get_num_threads(), "load_avg_1min": load,
+        "torch": torch.__version__, "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
+
+
+# ---------------------------------------------------------------------- PEFT configs
+def peft_configs() -> dict[str, dict[str, Any]]:
+    """``configs/peft/<name>.yaml`` -> its ``{class_path, init_args}``, by file stem."""
+    out = {}
+    for path in sorted(PEFT_CONFIGS.glob("*.yaml")):
+        spec = ((yaml.safe_load(path.read_text()) or {}).get("model") or {}).get("init_args", {}).get("peft")
+        if isinstance(spec, dict) and "class_path" in spec:
+            out[path.stem] = spec
+    return out
+
+
+def method(name: str) -> PeftMethod:
+    """The PeftMethod of ``configs/peft/<name>.yaml``."""
+    return build_method(peft_configs()[name])
+
+
+# ---------------------------------------------------------------------- models and steps
+def constant_lr(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def classifier(backbone: str, peft: PeftMethod, seed: int = 0, **kwargs: Any) -> Any:
+    """ImageClassifier as a run builds it (random weights: no network), attention chosen for CPU."""
+    from lightning_modules import ImageClassifier
+
+    torch.manual_seed(seed)
+    kwargs.setdefault("lr_scheduler", constant_lr)
+    module = ImageClassifier(
+        backbone=backbone, peft=peft, num_classes=NUM_CLASSES, pretrained=False,
+        image_size=IMAGE_SIZE, export_adapter=False, **kwargs,
+    )
+    module.select_attention("cpu")
+    return module
+
+
+def batch(seed: int = 0, size: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed uint8 image batch and labels, as the datamodules deliver them."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (size, 3, IMAGE_SIZE, IMAGE_SIZE), generator=g, dtype=torch.uint8)
+    return images, torch.randint(0, NUM_CLASSES, (size,), generator=g)
+
+
+class ClassifierStep:
+    """One ImageClassifier training step: bf16 autocast forward + loss, backward, optimizer, scheduler."""
+
+    def __init__(self, module: Any, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.module, self.images, self.labels = module, images, labels
+        conf = module.configure_optimizers()
+        self.optimizer = conf["optimizer"]
+        self.scheduler = conf["lr_scheduler"]["scheduler"]
+        module.train()
+
+    def __call__(self) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(self.module(self.images).float(), self.labels)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+
+class PlainStep:
+    """The same step for a plain model on a float batch (a hand-written training script)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                 labels: torch.Tensor) -> None:
+        self.model, self.optimizer, self.x, self.labels = model, optimizer, x, labels
+        model.train()
+
+    def __call__(self) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(self.model(self.x).float(), self.labels)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)

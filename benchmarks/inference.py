@@ -1,0 +1,86 @@
+"""Inference latency of adapted models (merged and unmerged) relative to the plain backbone."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmarks.harness import (
+    BATCH,
+    NUM_CLASSES,
+    VIT,
+    adjacent_ratios,
+    batch,
+    classifier,
+    interleaved,
+    method,
+    seconds,
+)
+from lightning_modules.backbones import create_backbone
+from lightning_modules.speedups import prefers_fused_attention, set_fused_attention
+
+
+class Forward:
+    """One eval-mode forward pass under inference_mode and bf16 autocast (as predict runs)."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
+        self.model, self.x = model.eval(), x
+        set_fused_attention(model, prefers_fused_attention(model, "cpu"))
+
+    def __call__(self) -> None:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            self.model(self.x)
+
+
+def _trained(module: Any) -> nn.Module:
+    """The module's adapted backbone with its trainable tensors moved off their init (as after training),
+    so that a merge folds real, non-zero updates."""
+    model = module.model
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g).to(p) * 0.01)
+    return model
+
+
+def infer_ratios(names: tuple[str, ...], rounds: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(merged / plain, unmerged / plain, details) for ViT-S configs; merged only for mergeable methods.
+
+    Selective methods (BitFit, NormTuning, LinearProbe...) add no modules: their model is plain
+    before and after merging and is measured once.
+    """
+    images, _ = batch(size=BATCH)
+    plain_module = classifier(VIT, method("full"))
+    x = plain_module.preprocess(images)
+    plain = create_backbone(VIT, NUM_CLASSES, pretrained=False, img_size=plain_module.hparams.image_size)
+    plain.load_state_dict(plain_module.model.state_dict())
+    cases: dict[str, Forward] = {"plain": Forward(plain, x)}
+    skipped: dict[str, str] = {}
+    for name in names:
+        if name == "full":
+            continue
+        try:
+            module = classifier(VIT, method(name))
+        except ValueError as err:
+            skipped[name] = str(err).split(": ", 1)[-1]
+            continue
+        adapted = _trained(module)
+        if module.peft.param_prefix:  # a selective method adds nothing: unmerged is already plain
+            cases[f"unmerged.{name}"] = Forward(adapted, x)
+        if module.peft.mergeable:
+            cases[f"merged.{name}"] = Forward(module.peft.merge(copy.deepcopy(adapted)), x)
+    plain_forward = cases.pop("plain")
+    results = adjacent_ratios(cases, plain_forward, rounds=rounds, repeats=2)
+    merged: dict[str, dict[str, float]] = {}
+    unmerged: dict[str, dict[str, float]] = {}
+    for case, value in results.items():
+        kind, _, name = case.partition(".")
+        (merged if kind == "merged" else unmerged)[name] = value
+    for name in merged:  # selective methods: the unmerged model is the merged one
+        unmerged.setdefault(name, merged[name])
+    plain_seconds = seconds(interleaved({"plain": plain_forward}, rounds=3))["plain"]
+    return merged, unmerged, {"plain_seconds_per_batch": plain_seconds, "skipped": skipped}

@@ -1,0 +1,121 @@
+"""Per-step time of ImageClassifier inside a Lightning Trainer against a plain PyTorch loop doing the
+same work (bf16 autocast forward + loss, backward, AdamW, warmup-cosine scheduler) on the same
+in-memory batches.
+
+The two loops are interleaved step by step: a callback runs one plain-loop step (same module, its
+own optimizer) after every Trainer step and takes its time out of the Trainer's step interval, so
+both see the same moments of the machine's load.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from benchmarks.harness import VIT, Timings, batch, classifier, constant_lr, method, now, ratio, seconds
+from lightning_modules.classifier import warmup_cosine
+
+
+class Batches:
+    """Prebuilt in-memory batches as one iterable (a plain list would be read as a list of loaders)."""
+
+    def __init__(self, batches: list[dict[str, Any]]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.batches)
+
+
+class PlainLoop:
+    """The step a hand-written script would run, with the module's optimizer and the same schedule."""
+
+    def __init__(self, module: Any, total_steps: int) -> None:
+        self.module = module
+        default_schedule = module.scheduler_factory
+        module.scheduler_factory = constant_lr  # the module's optimizer, without needing a Trainer
+        try:
+            self.optimizer = module.configure_optimizers()["optimizer"]
+        finally:
+            module.scheduler_factory = default_schedule
+        warm = int(module.hparams.warmup_fraction * total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, warm, total_steps)
+        )
+
+    def step(self, b: dict[str, Any]) -> None:
+        module = self.module  # in train mode: it runs inside the Trainer's fit
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(module.model(module.preprocess(b["image"])).float(), b["label"])
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+
+class _Interleave(L.Callback):
+    """Stamps every Trainer step's start; after each Trainer step, runs and times one plain step."""
+
+    def __init__(self, plain: PlainLoop, batches: Batches) -> None:
+        self.plain, self.batches = plain, batches
+        self.starts: list[tuple[float, float]] = []
+        self.plain_times: list[tuple[float, float]] = []
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.starts.append(now())
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, b: Any, batch_idx: int) -> None:
+        w0, c0 = now()
+        self.plain.step(self.batches.batches[batch_idx])
+        w1, c1 = now()
+        self.plain_times.append((w1 - w0, c1 - c0))
+
+    def timings(self, warmup: int) -> tuple[Timings, Timings]:
+        """(Trainer, plain) per-step times: start-to-start minus the plain step run in between."""
+        trainer, plain = Timings(), Timings()
+        for i in range(warmup, len(self.starts) - 1):
+            (w0, c0), (w1, c1) = self.starts[i], self.starts[i + 1]
+            pw, pc = self.plain_times[i]
+            trainer.wall.append(w1 - w0 - pw)
+            trainer.cpu.append(c1 - c0 - pc)
+            plain.wall.append(pw)
+            plain.cpu.append(pc)
+        return trainer, plain
+
+
+def lightning_overhead(config: str, steps: int = 10, warmup: int = 2) -> tuple[dict[str, float], dict[str, Any]]:
+    """Trainer per-step time / plain-loop per-step time (medians over the interleaved steps), ViT-S."""
+    items = []
+    for i in range(steps):
+        images, labels = batch(seed=i)
+        items.append({"image": images, "label": labels, "id": [f"{i}_{j}" for j in range(len(labels))]})
+    batches = Batches(items)
+    module = classifier(VIT, method(config), lr_scheduler=None)  # one module: no instance gets luckier memory
+    clock = _Interleave(PlainLoop(module, steps), batches)
+    with tempfile.TemporaryDirectory() as root:  # the run's fit summary lands here, not in the cwd
+        trainer = L.Trainer(
+            accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=steps, max_epochs=1,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            limit_val_batches=0, num_sanity_val_steps=0, callbacks=[clock], default_root_dir=root,
+        )
+        trainer.fit(module, train_dataloaders=batches)
+    in_trainer, plain = clock.timings(warmup)
+    per_step = Timings(wall=[a / b for a, b in zip(in_trainer.wall, plain.wall, strict=True)],
+                       cpu=[a / b for a, b in zip(in_trainer.cpu, plain.cpu, strict=True)])
+    value = {"wall": round(statistics.median(per_step.wall), 3), "cpu": round(statistics.median(per_step.cpu), 3)}
+    details = {"config": config, "seconds_per_step": seconds({"trainer": in_trainer, "plain": plain}),
+               "ratio_of_medians": ratio(_as_round(in_trainer), _as_round(plain)), "measured_steps": len(plain.wall)}
+    return value, details
+
+
+def _as_round(t: Timings) -> Timings:
+    """All samples as one round (for a ratio of medians)."""
+    return Timings(wall=[statistics.median(t.wall)], cpu=[statistics.median(t.cpu)])

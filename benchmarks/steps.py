@@ -1,0 +1,123 @@
+"""Training-step time of each PEFT config relative to full fine-tuning, our LoRA against plain peft,
+and the size of each exported adapter."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.harness import (
+    NUM_CLASSES,
+    VIT,
+    ClassifierStep,
+    PlainStep,
+    batch,
+    classifier,
+    interleaved,
+    method,
+    peft_configs,
+    ratio,
+    ratios,
+    seconds,
+)
+
+#: Methods that need no backbone weight gradient (the 0.75 step-ratio target) and LinearProbe.
+NO_WEIGHT_GRAD = ("lora", "ssf", "bitfit", "norm_tuning", "vpt_shallow", "adaptformer", "fact_tt")
+QUICK = {VIT: ("full", "linear_probe", *NO_WEIGHT_GRAD), "resnet50": ("full", "linear_probe", "bitfit", "lora", "ssf")}
+
+
+def build_modules(backbone: str, names: tuple[str, ...] | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """ImageClassifiers for the configs that apply to ``backbone`` (all configs when ``names`` is None)."""
+    modules, skipped = {}, {}
+    for name in names or tuple(peft_configs()):
+        try:
+            modules[name] = classifier(backbone, method(name))
+        except ValueError as err:  # the method does not support this backbone
+            skipped[name] = str(err).split(": ", 1)[-1]
+    if "full" not in modules:
+        raise ValueError("configs/peft/full.yaml is needed as the reference of every step ratio.")
+    return modules, skipped
+
+
+def step_ratios(backbone: str, names: tuple[str, ...] | None, rounds: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``{config: {"wall", "cpu"} step time / full fine-tuning step time}`` and the details behind it."""
+    modules, skipped = build_modules(backbone, names)
+    images, labels = batch()
+    steps = {name: ClassifierStep(m, images, labels) for name, m in modules.items()}
+    times = interleaved(steps, rounds=rounds)
+    details = {
+        "seconds_per_step": seconds(times),
+        "trainable_params": {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in modules.items()},
+        "skipped": skipped,
+    }
+    if backbone == VIT:
+        details["adapter_bytes"] = {n: adapter_bytes(m) for n, m in modules.items()}
+    return ratios(times, "full"), details
+
+
+def adapter_bytes(module: Any) -> int:
+    """Bytes on disk of ``peft_methods.export.export_adapter`` for the module's trained adapter."""
+    from peft_methods.export import export_adapter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = export_adapter(module.model, module.peft, Path(tmp) / "adapter", module.export_meta())
+        return sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+
+
+def peft_lib_ratio(rounds: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Our LoRA step (ImageClassifier, r=8 on the fused qkv) / a plain timm + peft script's step.
+
+    The plain script: ``timm.create_model`` + ``peft.get_peft_model(LoraConfig(r=8, lora_alpha=8,
+    target_modules=["qkv"], modules_to_save=["head"]))``, AdamW with its defaults over the trainable
+    parameters, float inputs normalised outside the step. Details also compare our default LoRA
+    (separate q and v slices of qkv, which plain peft cannot target) and the plain script with the
+    attention kernel we pick on CPU.
+    """
+    import timm
+    from peft import LoraConfig, get_peft_model
+
+    from lightning_modules.speedups import set_fused_attention
+    from peft_methods import LoRA
+
+    images, labels = batch()
+    ours = classifier(VIT, LoRA(r=8, alpha=8, targets=["qkv"]))
+    ours_qv = classifier(VIT, LoRA(r=8, alpha=8))
+    x = ours.preprocess(images).detach()
+
+    def plain(explicit_attention: bool) -> PlainStep:
+        torch.manual_seed(0)
+        model = timm.create_model(VIT, pretrained=False, num_classes=NUM_CLASSES)
+        if explicit_attention:
+            set_fused_attention(model, False)
+        config = LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["qkv"], modules_to_save=["head"])
+        model = get_peft_model(model, config)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        return PlainStep(model, optimizer, x, labels)
+
+    cases = {
+        "ours": ClassifierStep(ours, images, labels),
+        "plain_peft": plain(False),
+        "ours_qv": ClassifierStep(ours_qv, images, labels),
+        "plain_peft_same_kernels": plain(True),
+    }
+    times = interleaved(cases, rounds=rounds)
+    details = {
+        "seconds_per_step": seconds(times),
+        "ours_qv_over_plain_peft": ratio(times["ours_qv"], times["plain_peft"]),
+        "ours_over_plain_peft_same_kernels": ratio(times["ours"], times["plain_peft_same_kernels"]),
+    }
+    return ratio(times["ours"], times["plain_peft"]), details
+
+
+def channels_last_ratio(backbone: str, config: str, rounds: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Training step with ``channels_last: true`` / with the default layout (a CNN)."""
+    images, labels = batch()
+    steps = {
+        "default": ClassifierStep(classifier(backbone, method(config)), images, labels),
+        "channels_last": ClassifierStep(classifier(backbone, method(config), channels_last=True), images, labels),
+    }
+    times = interleaved(steps, rounds=rounds)
+    return ratio(times["channels_last"], times["default"]), {"config": config, "seconds_per_step": seconds(times)}

@@ -1,0 +1,260 @@
+"""Every speed-up gives the results of the slow path (equal, or allclose in fp32); no timings here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.harness import Timings, interleaved, paired_ratio, peft_configs
+from benchmarks.report import TARGETS, evaluate
+from benchmarks.steps import NO_WEIGHT_GRAD
+from lightning_modules import ImageClassifier
+from lightning_modules.feature_cache import FrozenFeatureCache, image_key
+from lightning_modules.speedups import (
+    EXPLICIT_ATTENTION_MAX_TOKENS,
+    can_fuse_adamw,
+    prefers_fused_attention,
+    set_fused_attention,
+)
+from peft_methods import SSF, VPT, LinearProbe, LoRA
+from peft_methods.base import trainable_state_dict
+
+VIT = dict(backbone="vit_tiny_patch16_224", image_size=32)
+CNN = dict(backbone="resnet18", image_size=32)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these tiny models gain nothing from two, and the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def module(peft=None, seed: int = 0, **kwargs) -> ImageClassifier:
+    torch.manual_seed(seed)
+    args = {**VIT, "num_classes": 3, "pretrained": False, "export_adapter": False, **kwargs}
+    return ImageClassifier(peft=peft, **args)
+
+
+def images(n: int = 4, seed: int = 0, size: int = 32) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def loss_and_grads(m: ImageClassifier, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    m.train()
+    m.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(m(x), torch.arange(len(x)) % 3)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+# ---------------------------------------------------------------------- attention kernel
+def test_explicit_attention_gives_the_fused_results_and_is_chosen_on_cpu_only() -> None:
+    fused, explicit = module(LoRA()), module(LoRA())
+    explicit.load_state_dict(fused.state_dict())
+    assert set_fused_attention(fused.model, True) == 12
+    explicit.select_attention("cpu")
+    assert not any(getattr(m, "fused_attn", False) for m in explicit.model.modules())
+    (la, ga), (lb, gb) = loss_and_grads(fused, images()), loss_and_grads(explicit, images())
+    torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
+    assert ga.keys() == gb.keys() and ga
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert prefers_fused_attention(explicit.model, "cuda") and not prefers_fused_attention(explicit.model, "cpu")
+    long = module(LoRA(), image_size=16 * 20)  # 20 x 20 patches + cls > EXPLICIT_ATTENTION_MAX_TOKENS
+    assert 20 * 20 + 1 > EXPLICIT_ATTENTION_MAX_TOKENS and prefers_fused_attention(long.model, "cpu")
+    forced = module(LoRA(), fused_attention=True)
+    forced.select_attention("cpu")
+    assert all(m.fused_attn for m in forced.model.modules() if hasattr(m, "fused_attn"))
+
+
+def test_trainer_setup_selects_the_attention_kernel(tmp_path: Path) -> None:
+    from datamodules import SyntheticDataModule
+
+    m = module(LinearProbe())
+    set_fused_attention(m.model, True)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path)
+    data = SyntheticDataModule(num_train=8, num_val=4, num_test=4, image_size=32, batch_size=4, num_workers=0)
+    trainer.fit(m, data)
+    assert not any(getattr(mod, "fused_attn", False) for mod in m.model.modules())
+
+
+# ---------------------------------------------------------------------- channels_last
+def test_channels_last_cnn_gives_the_same_results_and_checkpoints() -> None:
+    plain, nhwc = module(LoRA(), **CNN), module(LoRA(), channels_last=True, **CNN)
+    nhwc.load_state_dict(plain.state_dict())
+    assert nhwc.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert nhwc.preprocess(images()).is_contiguous(memory_format=torch.channels_last)
+    (la, ga), (lb, gb) = loss_and_grads(plain, images()), loss_and_grads(nhwc, images())
+    torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():  # as after training: adapters away from their zero init
+        for p in nhwc.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    state = trainable_state_dict(nhwc.model)  # what checkpoints hold: loads into a contiguous model
+    fresh = module(LoRA(), **CNN)
+    fresh.model.load_state_dict(state, strict=False)
+    nhwc.eval(), fresh.eval()
+    torch.testing.assert_close(fresh(images()), nhwc(images()), atol=1e-5, rtol=1e-5)
+    assert not module(LoRA(), channels_last=True).channels_last  # a ViT: nothing to gain
+
+
+# ---------------------------------------------------------------------- optimizer
+def test_default_adamw_is_fused_and_holds_state_for_trainable_tensors_only() -> None:
+    def trained(fused: bool) -> tuple[ImageClassifier, torch.optim.Optimizer]:
+        m = module(LoRA(), lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+        opt = m.configure_optimizers()["optimizer"]
+        if not fused:
+            opt = torch.optim.AdamW(opt.param_groups, lr=1e-3, weight_decay=0.05, fused=False)
+        for i in range(3):
+            loss_and_grads(m, images(seed=i))
+            opt.step()
+        return m, opt
+
+    (fast, opt), (slow, _) = trained(True), trained(False)
+    assert opt.defaults["fused"] is True and can_fuse_adamw(p for g in opt.param_groups for p in g["params"])
+    for (name, a), b in zip(fast.named_parameters(), slow.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    trainable = {id(p) for p in fast.parameters() if p.requires_grad}
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == trainable
+    assert {id(p) for p in opt.state} == trainable
+    assert all(p.grad is None for p in fast.parameters() if not p.requires_grad)
+
+
+# ---------------------------------------------------------------------- no backward through frozen parts
+@pytest.mark.parametrize("peft", [LoRA(), VPT(), SSF(), LinearProbe()], ids=lambda p: type(p).__name__)
+def test_autograd_records_nothing_before_the_first_trainable_tensor(peft) -> None:
+    m = module(peft)
+    m.train()
+    seen = {}
+    m.model.patch_embed.register_forward_hook(lambda mod, i, out: seen.setdefault("patch", out))
+    m.model.blocks[0].norm1.register_forward_hook(lambda mod, i, out: seen.setdefault("norm1", out))
+    m.model.get_classifier().register_forward_pre_hook(lambda mod, args: seen.setdefault("head_in", args[0]))
+    m(images()).sum().backward()
+    # The patch embedding's weights are frozen and its input needs no gradient: no backward there.
+    # (SSF scales the projection's output inside patch_embed, so its output does need one.)
+    assert seen["patch"].requires_grad == isinstance(peft, SSF)
+    if isinstance(peft, LinearProbe):  # the whole backbone runs without a graph: forward cost only
+        assert seen["head_in"].grad_fn is None and not seen["norm1"].requires_grad
+
+
+# ---------------------------------------------------------------------- frozen-feature cache
+def _epochs(m: ImageClassifier, batches: list[torch.Tensor], order: list[list[int]]) -> list[float]:
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
+    losses = []
+    for epoch in order:
+        for i in epoch:
+            m.train()
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(m(batches[i]), torch.arange(len(batches[i])) % 3)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_linear_probe_feature_cache_trains_the_head_like_the_slow_path(shuffled: bool) -> None:
+    batches = [images(seed=i) for i in range(3)]
+    order = [[0, 1, 2], [2, 0, 1], [1, 2, 0]] if shuffled else [[0, 1, 2]] * 3
+    slow, fast = module(LinearProbe()), module(LinearProbe(), cache_features=True)
+    fast.load_state_dict(slow.state_dict())
+    slow_losses, fast_losses = _epochs(slow, batches, order), _epochs(fast, batches, order)
+    cache = fast.feature_cache
+    assert len(cache) == 12 and cache.misses == 12 and cache.hits == 24  # backbone ran in epoch 1 only
+    if shuffled:  # features computed in another batch composition: equal up to float rounding
+        torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(slow_losses), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(fast.model.head.weight, slow.model.head.weight, atol=1e-6, rtol=1e-5)
+    else:
+        assert fast_losses == slow_losses
+        assert torch.equal(fast.model.head.weight, slow.model.head.weight)
+    fast.eval(), slow.eval()
+    torch.testing.assert_close(fast(images(seed=9)), slow(images(seed=9)), atol=1e-6, rtol=1e-5)
+
+
+def test_feature_cache_keys_on_pixels_and_refuses_what_it_cannot_cache() -> None:
+    x = images(2)
+    changed = x.clone()
+    changed[1, 0, 0, 0] ^= 1
+    assert image_key(x[0]) == image_key(x[0].clone()) and image_key(x[1]) != image_key(changed[1])
+    with pytest.raises(ValueError, match=r"cache_features needs a method that trains only the task head.*LoRA"):
+        module(LoRA(), cache_features=True)
+    # Active dropout before the head makes its input random: the cache steps aside.
+    noisy = module(LinearProbe(), cache_features=True, backbone_kwargs={"drop_rate": 0.5})
+    noisy.train()
+    assert FrozenFeatureCache.stochastic_layers(noisy.model) == ["head_drop"]
+    noisy(images())
+    assert len(noisy.feature_cache) == 0
+    noisy.eval()
+    noisy(images())
+    assert len(noisy.feature_cache) == 4
+
+
+def test_feature_cache_skips_augmented_training_batches(tmp_path: Path) -> None:
+    from datamodules import SyntheticDataModule
+
+    def fit(augment: bool) -> ImageClassifier:
+        m = module(LinearProbe(), cache_features=True)
+        data = SyntheticDataModule(num_train=8, num_val=4, num_test=4, image_size=32, batch_size=4,
+                                   num_workers=0, augment=augment)
+        trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            default_root_dir=tmp_path)
+        trainer.fit(m, data)
+        return m
+
+    assert len(fit(augment=False).feature_cache) == 12  # 8 train + 4 val images, each computed once
+    augmented = fit(augment=True).feature_cache
+    assert len(augmented) == 4 and augmented.hits == 4  # only validation images: computed once, reused
+
+
+# ---------------------------------------------------------------------- compile, SSF dtype
+def test_compiled_backbone_gives_the_same_logits_and_state_keys() -> None:
+    eager, compiled = module(LoRA()), module(LoRA(), compile={"backend": "eager"})
+    compiled.load_state_dict(eager.state_dict())
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    eager.eval(), compiled.eval()
+    torch.testing.assert_close(compiled(images()), eager(images()), atol=1e-6, rtol=1e-6)
+
+
+def test_ssf_keeps_the_wrapped_layer_dtype_under_autocast() -> None:
+    m = module(SSF()).eval()
+    qkv = m.model.blocks[0].attn.qkv
+    x = torch.randn(2, 5, qkv.base_layer.in_features)
+    expected = qkv.base_layer(x) * qkv.ssf_scale + qkv.ssf_shift
+    torch.testing.assert_close(qkv(x), expected, atol=1e-6, rtol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert qkv(x).dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------- benchmark machinery
+def test_interleaving_rotates_cases_and_ratios_pair_rounds() -> None:
+    calls: list[str] = []
+    times = interleaved({c: (lambda c=c: calls.append(c)) for c in "abc"}, rounds=3, warmup=1)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert all(len(t.wall) == 3 and len(t.cpu) == 3 for t in times.values())
+    assert paired_ratio(Timings([2.0, 4.0, 9.0], [1, 1, 1]), Timings([1.0, 2.0, 3.0], [1, 1, 1])) == 2.0
+
+
+def test_targets_name_existing_configs_and_evaluate_pass_fail(tmp_path: Path) -> None:
+    configs = set(peft_configs())
+    assert set(NO_WEIGHT_GRAD) | {"full", "linear_probe"} <= configs
+    rows = evaluate({"step_ratio.lora": 0.7, "step_ratio.ssf": 0.9, "merged_infer_ratio.bitfit": 1.01,
+                     "t2i_cached_latents_ratio": "unavailable: no precompute", "adapter_bytes.lora": 10})
+    by_key = {r["key"]: r for r in rows}
+    assert by_key["step_ratio.lora"]["pass"] and by_key["merged_infer_ratio.bitfit"]["pass"]
+    assert by_key["step_ratio.ssf"]["pass"] is False and by_key["step_ratio.ssf"]["note"]
+    assert by_key["t2i_cached_latents_ratio"]["pass"] is None and "adapter_bytes.lora" not in by_key
+    assert len({t.pattern for t in TARGETS}) == len(TARGETS)
+    json.dumps(rows)
