@@ -107,5 +107,8 @@ class FrozenFeatureCache:
         finally:
             handle.remove()
         if len(captured) != 1:
-            raise RuntimeError(f"cache_features expected the head to run once per forward, it ran {len(captured)} times.")
+            raise ValueError(
+                f"cache_features needs a backbone whose task head runs once per forward, but it ran "
+                f"{len(captured)} times; set model.init_args.cache_features to false for this backbone."
+            )
         return [f.clone() for f in captured[0]]
