@@ -18,6 +18,8 @@ import timm
 import torch
 from torch import nn
 
+from peft_methods.base import state_mismatch
+
 log = logging.getLogger("medpeft")
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".pt", ".ckpt")
@@ -236,20 +238,10 @@ def load_weights_file(model: nn.Module, path: Path, in_chans: int = 3) -> bool:
     for k in dropped:  # a new task: the head is re-initialised, everything else must fit
         del state[k]
     # Headless files (feature extractors, self-supervised weights) are fine: the head is new.
-    missing = sorted(k for k in target if k not in state and k not in head)
-    unexpected = sorted(k for k in state if k not in target)
-    mismatched = sorted(
-        f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
-        for k in state if k in target and state[k].shape != target[k].shape
-    )
-    if missing or unexpected or mismatched:
-        parts = [
-            f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
-            if keys
-        ]
+    problem = state_mismatch(state, target, optional=head)
+    if problem:
         raise ValueError(
-            f"Weights file {path} does not fit backbone '{_arch(model)}': {'; '.join(parts)}. "
+            f"Weights file {path} does not fit backbone '{_arch(model)}': {problem}. "
             "Use weights saved from this exact timm architecture (model.init_args.pretrained)."
         )
     model.load_state_dict(state, strict=False)

@@ -34,6 +34,7 @@ from peft_methods.base import (
     build_method,
     count_params,
     keep_frozen_in_eval,
+    state_mismatch,
     trainable_state_dict,
 )
 
@@ -462,13 +463,9 @@ class ImageClassifier(L.LightningModule):
                 )
         expected = trainable_state_dict(self.model)
         stored = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items()}
-        missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
-        bad_shapes = [k for k in expected if k in stored and stored[k].shape != expected[k].shape]
-        if missing or unexpected or bad_shapes:
-            raise ValueError(
-                f"Checkpoint tensors do not match this model: missing {missing[:5]}, unexpected "
-                f"{unexpected[:5]}, shape mismatch {bad_shapes[:5]}."
-            )
+        problem = state_mismatch(stored, expected)
+        if problem:
+            raise ValueError(f"Checkpoint tensors do not match this model: {problem}.")
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:

@@ -30,6 +30,7 @@ from peft_methods.base import (
     build_method,
     count_params,
     keep_frozen_in_eval,
+    state_mismatch,
     trainable_state_dict,
 )
 
@@ -343,13 +344,9 @@ class TextToImage(SamplingHooks, EvaluationHooks, L.LightningModule):
             )
         expected = trainable_state_dict(self.unet)
         stored = {k.removeprefix("unet."): v for k, v in checkpoint["state_dict"].items()}
-        missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
-        bad = [k for k in expected if k in stored and stored[k].shape != expected[k].shape]
-        if missing or unexpected or bad:
-            raise ValueError(
-                f"Checkpoint tensors do not match this UNet: missing {missing[:5]}, unexpected "
-                f"{unexpected[:5]}, shape mismatch {bad[:5]}."
-            )
+        problem = state_mismatch(stored, expected)
+        if problem:
+            raise ValueError(f"Checkpoint tensors do not match this UNet: {problem}.")
         if self.ema is not None:
             if "ema" not in checkpoint:
                 rank_zero_warn("The checkpoint has no EMA weights; the EMA restarts from its weights.")

@@ -229,6 +229,31 @@ def keep_frozen_in_eval(model: nn.Module) -> None:
                     parent.training = False
 
 
+def state_mismatch(
+    state: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    optional: set[str] | frozenset[str] = frozenset(),
+    limit: int = 5,
+) -> str | None:
+    """How ``state`` differs from ``expected`` (missing / unexpected / shape mismatch), or None.
+
+    ``optional`` keys may be absent from ``state``. The text lists at most ``limit`` keys per kind,
+    for error messages about weights, checkpoints and adapters that were made for another model.
+    """
+    missing = sorted(k for k in expected if k not in state and k not in optional)
+    unexpected = sorted(k for k in state if k not in expected)
+    mismatched = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in state if k in expected and state[k].shape != expected[k].shape
+    )
+    parts = [
+        f"{label} ({len(keys)}): {', '.join(keys[:limit])}{' ...' if len(keys) > limit else ''}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+        if keys
+    ]
+    return "; ".join(parts) or None
+
+
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What a checkpoint must hold: trainable tensors plus the running statistics that train.
 

@@ -32,6 +32,7 @@ from peft_methods.base import (
     backbone_name,
     build_method,
     head_param_names,
+    state_mismatch,
     trainable_state_dict,
 )
 from peft_methods.peft_lib import ADAPTER_NAME, PeftLibMethod
@@ -184,20 +185,10 @@ def _check_model_fits(model: nn.Module, meta: dict[str, Any], directory: Path) -
 def _check_state(
     state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str, directory: Path
 ) -> None:
-    missing = sorted(k for k in expected if k not in state)
-    unexpected = sorted(k for k in state if k not in expected)
-    mismatched = sorted(
-        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in state if k in expected and state[k].shape != expected[k].shape
-    )
-    if missing or unexpected or mismatched:
-        parts = [
-            f"{label} ({len(keys)}): {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
-            if keys
-        ]
+    problem = state_mismatch(state, expected, limit=3)
+    if problem:
         raise ValueError(
-            f"Adapter tensors in {directory} do not fit {where}: {'; '.join(parts)}. They were made "
+            f"Adapter tensors in {directory} do not fit {where}: {problem}. They were made "
             "for another method, backbone or class count; export and load with the same ones."
         )
 
