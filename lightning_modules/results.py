@@ -44,14 +44,19 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; keep the usual permissions
+        usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def usual_permissions(path: str | os.PathLike[str]) -> None:
+    """Gives a ``mkstemp`` file (mode 0600) the mode a plain ``open`` would: 0666 minus the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def _jsonable(value: Any) -> Any:
