@@ -57,6 +57,7 @@ class MedPeftCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        choose_precision(cfg.trainer)
         init = _tensorboard_args(cfg)
         if init is not None and self.subcommand == "fit":
             check_writable(Path(init.save_dir))
@@ -90,6 +91,18 @@ class MedPeftCLI(LightningCLI):
         except BaseException:
             discard_unfinished_run(self.trainer, subcommand)
             raise
+
+
+def choose_precision(trainer: Any) -> None:
+    """``trainer.precision: null`` becomes the fastest safe precision of the device (and says so)."""
+    from lightning_modules.precision import auto_precision, resolve_device, slow_precision_warning
+
+    device = resolve_device(trainer.get("accelerator"))
+    if trainer.get("precision") is None:
+        trainer.precision, why = auto_precision(device)
+        print(f"trainer.precision: {trainer.precision} ({why}; set --trainer.precision to choose).", file=sys.stderr)
+    elif (warning := slow_precision_warning(trainer.precision, device)) is not None:
+        log.warning(warning)
 
 
 def _tensorboard_args(cfg: Any) -> Any:

@@ -167,3 +167,40 @@ def test_exported_adapter_reproduces_the_best_checkpoint(in_tmp: Path, method: s
     x = trained.preprocess(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
     with torch.no_grad():
         assert torch.equal(model.eval()(x), trained.model(x))
+
+
+def test_null_precision_becomes_the_devices_choice_and_is_saved(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    import yaml
+
+    from lightning_modules.precision import auto_precision
+
+    run.cli_main(["fit", *TINY, "--trainer.max_epochs", "1"])
+    chosen, why = auto_precision("cpu")
+    assert f"trainer.precision: {chosen} ({why}" in capsys.readouterr().err
+    (run_dir,) = version_dirs(in_tmp)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["precision"] == chosen
+
+
+def test_precision_choice_per_device(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from jsonargparse import Namespace
+
+    from lightning_modules import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.auto_precision("cpu")[0] == "32-true"
+    assert precision.auto_precision("mps")[0] == "32-true"
+    assert "5-18x slower" in precision.slow_precision_warning("bf16-mixed", "cpu")
+    assert precision.slow_precision_warning("32-true", "cpu") is None
+    trainer = Namespace(accelerator="cpu", precision="bf16-mixed")
+    with caplog.at_level("WARNING", logger="medpeft"):
+        run.choose_precision(trainer)
+    assert trainer.precision == "bf16-mixed", "an explicit precision is kept"
+    assert "bf16 is emulated" in caplog.text
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.auto_precision("cpu")[0] == "bf16-mixed"
+    assert precision.slow_precision_warning("bf16-mixed", "cpu") is None
+    assert precision.resolve_device("cpu") == "cpu"
+    trainer = Namespace(accelerator="cpu", precision=None)
+    run.choose_precision(trainer)
+    assert trainer.precision == "bf16-mixed"
