@@ -9,18 +9,17 @@ subsets, transforms, seeded loaders and logging.
 from __future__ import annotations
 
 import logging
-import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
 from torchvision.transforms import v2
 
+from datamodules.sampling import ResumableDataLoader, ResumableTrainOrder
 from datamodules.splits import check_low_data_args, low_data_subset
 
 log = logging.getLogger("medpeft")
@@ -111,7 +110,7 @@ class ImageDataset(Dataset):
         return item
 
 
-class ImageClassificationDataModule(L.LightningDataModule):
+class ImageClassificationDataModule(ResumableTrainOrder, L.LightningDataModule):
     """Base of all image-classification data modules (batches of uint8 images, not normalised).
 
     Args:
@@ -216,13 +215,20 @@ class ImageClassificationDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled per epoch from (seed, epoch); drops a last batch of one sample (BatchNorm)."""
+        """Shuffled per epoch from (seed, epoch); drops a last batch of one sample (BatchNorm).
+
+        After a restore the order continues at the checkpoint's epoch and batch (``ResumableTrainOrder``).
+        """
         ds = self._dataset("train")
         drop_last = len(ds) > self.batch_size and len(ds) % self.batch_size == 1
         # The order and augmentation follow the data seed and the training seed (seed_everything),
         # so runs over several training seeds see different orders on the same split.
         seed = self.seed * 1_000_003 + int(os.environ.get("PL_GLOBAL_SEED", 0))
-        return self._loader(ds, sampler=EpochShuffleSampler(len(ds), seed), drop_last=drop_last)
+        sampler = self.resume_sampler(len(ds), seed)
+        return self._loader(ds, sampler=sampler, drop_last=drop_last, loader=ResumableDataLoader)
+
+    def _train_size(self) -> int:
+        return len(self._dataset("train"))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("val"))
@@ -249,51 +255,16 @@ class ImageClassificationDataModule(L.LightningDataModule):
             self.setup()
         return self._datasets[split]
 
-    def _loader(self, ds: Dataset, **kwargs) -> DataLoader:
+    def _loader(self, ds: Dataset, loader: type[DataLoader] = DataLoader, **kwargs) -> DataLoader:
         # Eval workers stay alive across val loops; re-forking them each time is slow.
         kwargs.setdefault("persistent_workers", self.num_workers > 0)
-        return DataLoader(
+        return loader(
             ds,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             **kwargs,
         )
-
-
-class EpochShuffleSampler(DistributedSampler):
-    """Yields ``(index, augmentation seed)`` in an order that depends only on (seed, epoch).
-
-    Lightning calls ``set_epoch``. A loader-held generator would continue its stream across epochs,
-    so a run resumed at epoch k would see another order than one that never stopped; per-sample
-    augmentation seeds make the pixels independent of worker count and prefetching too. Under
-    DDP it shards the epoch's order itself (padded like DistributedSampler), so Lightning uses it
-    as is instead of wrapping it, and every rank sees fresh augmentation each epoch.
-    """
-
-    def __init__(self, size: int, seed: int) -> None:  # noqa: D107 - no dataset / process group needed
-        self.size, self.seed, self.epoch = size, seed, 0
-        dist = torch.distributed
-        ready = dist.is_available() and dist.is_initialized()
-        self.num_replicas = dist.get_world_size() if ready else 1
-        self.rank = dist.get_rank() if ready else 0
-        self.num_samples = math.ceil(size / self.num_replicas)
-        self.total_size = self.num_samples * self.num_replicas
-        self.shuffle, self.drop_last = True, False
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
-        order = torch.randperm(self.size, generator=gen).tolist()
-        aug = torch.randint(0, 2**62, (self.size,), generator=gen).tolist()
-        pairs = list(zip(order, aug, strict=True))
-        pairs += pairs[: self.total_size - self.size]  # equal shards on every rank
-        return iter(pairs[self.rank :: self.num_replicas])
 
 
 def _take(data: SplitData, idx: np.ndarray) -> SplitData:

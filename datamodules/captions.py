@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import default_num_workers
+from datamodules.sampling import ResumableDataLoader, ResumableTrainOrder
 from datamodules.splits import stratified_split
 
 log = logging.getLogger("medpeft")
@@ -43,27 +44,7 @@ class PromptFileDataset(Dataset):
         return {"caption": self.prompts[i], "id": f"prompt_{i:05d}", "index": i}
 
 
-class EpochShuffle(Sampler[int]):
-    """A random order that depends only on (seed, epoch), so a resumed run sees the same batches.
-
-    Lightning calls ``set_epoch``; a loader-held generator would instead continue its stream.
-    """
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self) -> Iterator[int]:
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
-        return iter(torch.randperm(self.size, generator=gen).tolist())
-
-
-class _CaptionDataModule(L.LightningDataModule):
+class _CaptionDataModule(ResumableTrainOrder, L.LightningDataModule):
     """Shared loaders: seeded per-epoch shuffling for train, in-order val / test / predict."""
 
     def __init__(self, image_size: int, batch_size: int, num_workers: int | None, seed: int,
@@ -93,13 +74,18 @@ class _CaptionDataModule(L.LightningDataModule):
             self._datasets[split] = self._build(split)
         return self._datasets[split]
 
-    def _loader(self, ds: Dataset, **kwargs: Any) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers,
+    def _loader(self, ds: Dataset, loader: type[DataLoader] = DataLoader, **kwargs: Any) -> DataLoader:
+        return loader(ds, batch_size=self.batch_size, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0 and "sampler" not in kwargs, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled per epoch from (seed, epoch), sharded per rank, resumable mid-epoch (``datamodules.sampling``)."""
         ds = self._dataset("train")
-        return self._loader(ds, sampler=EpochShuffle(len(ds), self.seed))
+        sampler = self.resume_sampler(len(ds), self.seed, augmentation_seeds=False)
+        return self._loader(ds, sampler=sampler, loader=ResumableDataLoader)
+
+    def _train_size(self) -> int:
+        return len(self._dataset("train"))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("val"))

@@ -6,12 +6,10 @@ import csv
 import logging
 import math
 import os
-import random
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -22,6 +20,7 @@ from lightning_modules import results
 from lightning_modules.backbones import create_backbone
 from lightning_modules.feature_cache import FrozenFeatureCache
 from lightning_modules.metrics import TASKS, classification_metrics, confusion_figure, per_group_metrics
+from lightning_modules.resume import seed_batch
 from lightning_modules.speedups import (
     can_fuse_adamw,
     is_convolutional,
@@ -261,15 +260,9 @@ class ImageClassifier(L.LightningModule):
             keep_frozen_in_eval(self.model)
         return self
 
-    def on_train_epoch_start(self) -> None:
-        # Re-seed every epoch from (global seed, epoch): epoch k's shuffling, augmentation and
-        # dropout then do not depend on how the process got there, so a resumed run is exact.
-        base = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        # Ranks get distinct streams (dropout differs per shard, as in a single large batch).
-        seed = (base * 1_000_003 + self.current_epoch + 7_919 * self.global_rank) % 2**32
-        torch.manual_seed(seed)
-        np.random.seed(seed)
-        random.seed(seed)
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Dropout of batch k depends on (seed, epoch, k, rank) alone, so a run resumed at any batch is exact.
+        seed_batch(self.current_epoch, batch_idx, self.global_rank)
 
     # ------------------------------------------------------------------ epoch ends
     def _log_confusion(self, stage: str) -> None:

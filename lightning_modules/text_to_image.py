@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_modules import results
+from lightning_modules.resume import seed_batch
 from lightning_modules.t2i_data import LatentCache, TextEncoding
 from lightning_modules.t2i_evaluation import EvaluationHooks
 from lightning_modules.t2i_fid import FIDFeatureExtractor
@@ -247,6 +248,8 @@ class TextToImage(SamplingHooks, EvaluationHooks, L.LightningModule):
             self.log_samples()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Noise, timesteps and caption dropout of batch k depend on (seed, epoch, k, rank) alone: exact resume.
+        seed_batch(self.current_epoch, batch_idx, self.global_rank)
         self._step_start = results.StageTimer()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -489,3 +489,39 @@ def test_real_busi_folder(tmp_path):
     dm = ImageFolderDataModule(str(SHARED_DATA / "busi"), cache_dir=str(tmp_path), num_workers=0)
     assert dm.class_names == ["benign", "malignant", "normal"]
     assert np.bincount(dm.labels).tolist() == [437, 210, 133]
+
+
+# ---------------------------------------------------------------------- resumable training order
+def test_epoch_order_depends_on_seed_and_epoch_only_and_skips_once():
+    from datamodules.sampling import EpochShuffleSampler
+
+    full = EpochShuffleSampler(10, seed=3)
+    full.set_epoch(2)
+    order = list(full)
+    assert sorted(i for i, _ in order) == list(range(10))
+    assert list(full) == order, "the same epoch gives the same order and augmentation seeds"
+    full.set_epoch(3)
+    assert list(full) != order
+
+    resumed = EpochShuffleSampler(10, seed=3, epoch=2, skip=4)
+    assert list(resumed) == order[4:], "a resumed epoch continues where the checkpoint was written"
+    assert list(resumed) == order, "only the first iteration of that epoch skips"
+    assert [i for i in EpochShuffleSampler(10, seed=3, augmentation_seeds=False, epoch=2)] == [i for i, _ in order]
+
+
+def test_train_order_state_resumes_at_the_saved_batch_or_the_next_epoch():
+    dm = SyntheticDataModule(num_train=40, num_val=8, num_test=8, image_size=16, batch_size=8, num_workers=0)
+    state = {"epoch": 1, "batches_done": 2, "epoch_batches": 5, "train_size": 40, "batch_size": 8}
+    dm.load_state_dict({"train_order": dict(state)})
+    sampler = dm.train_dataloader().sampler
+    assert (sampler.epoch, len(list(sampler))) == (1, 40 - 16)
+    assert dm.train_dataloader().sampler.epoch == 0, "the saved position is used once"
+
+    dm.load_state_dict({"train_order": {**state, "batches_done": 5}})
+    sampler = dm.train_dataloader().sampler
+    assert (sampler.epoch, len(list(sampler))) == (2, 40), "a checkpoint at an epoch's end starts the next"
+
+    assert dm.state_dict() == {}, "no trainer, no position to record"
+    dm.load_state_dict({"train_order": {**state, "batch_size": 4}})
+    with pytest.raises(ValueError, match="40 training samples in batches of 4, but this run has 40 in batches of 8"):
+        dm.train_dataloader()

@@ -103,3 +103,35 @@ def test_ddp_fit_matches_single_process_layout_and_writes_once(in_tmp: Path, met
     assert ddp_metrics.keys() == single_metrics.keys()
     assert ddp_metrics["metrics"].keys() == single_metrics["metrics"].keys() >= {"acc", "auroc", "loss"}
     assert ddp_metrics["trainable_params"] == single_metrics["trainable_params"]
+
+
+def test_ddp_preemption_saves_once_at_the_same_step_and_resumes_exactly(in_tmp: Path) -> None:
+    """SIGTERM to the launching process only: both ranks agree, save one last.ckpt, stop; resume is exact."""
+    import signal
+
+    from test_reliability import hold_for_signal, preempt
+
+    args = [*TINY_VIT, "--config", str(CONFIGS / "peft" / "lora.yaml"), "--config", str(CONFIGS / "trainer" / "cpu_ddp.yaml"),
+            "--data.init_args.num_train", "64", "--trainer.max_epochs", "2",
+            "--trainer.logger.init_args.save_dir", str(in_tmp / "runs")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    marker = in_tmp / "holding"
+    cmd = [sys.executable, str(ROOT / "run.py"), "fit", *args, "--trainer.logger.init_args.name", "preempted",
+           *hold_for_signal(epoch=0, batch=1, marker=marker)]
+    code, err = preempt(cmd, in_tmp, marker, signal.SIGTERM, env)
+    assert code == 128 + signal.SIGTERM, err[-3000:]
+    assert err.count("Stopped by SIGTERM at epoch 0, batch 2 of 4 (step 2)") == 1, err[-3000:]
+    run_dir = in_tmp / "runs" / "preempted" / "version_0"
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2 and ckpt["SyntheticDataModule"]["train_order"]["batches_done"] == 2
+
+    run_py("fit", [*args, "--trainer.logger.init_args.name", "preempted", "--ckpt_path", "last"], in_tmp)
+    run_py("fit", [*args, "--trainer.logger.init_args.name", "straight"], in_tmp)
+    assert [p.name for p in (in_tmp / "runs" / "preempted").iterdir()] == ["version_0"]
+    load = lambda n: torch.load(in_tmp / "runs" / n / "version_0" / "checkpoints" / "last.ckpt",  # noqa: E731
+                                map_location="cpu", weights_only=True)
+    resumed, straight = load("preempted"), load("straight")
+    assert resumed["global_step"] == straight["global_step"] == 8
+    assert resumed["state_dict"].keys() == straight["state_dict"].keys()
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key

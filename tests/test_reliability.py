@@ -67,6 +67,65 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(in_tmp: Path)
     assert metrics[0] == metrics[1]
 
 
+TESTS_DIR = str(Path(__file__).resolve().parent)
+
+
+def hold_for_signal(epoch: int, batch: int, marker: Path) -> list[str]:
+    """run.py arguments adding ``signal_helpers.HoldForSignal`` (training waits there for a signal)."""
+    spec = {"class_path": "signal_helpers.HoldForSignal",
+            "init_args": {"epoch": epoch, "batch": batch, "marker": str(marker)}}
+    return [f"--trainer.callbacks+={json.dumps(spec)}"]
+
+
+def preempt(cmd: list[str], cwd: Path, marker: Path, signum: int, env: dict[str, str]) -> tuple[int, str]:
+    """Starts ``cmd``, sends ``signum`` once training holds at the marker's batch; (exit code, stderr)."""
+    env = {**env, "PYTHONPATH": os.pathsep.join([TESTS_DIR, env.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not marker.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.is_file(), "training never reached the batch that waits for the signal"
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_mid_epoch_saves_then_resume_equals_an_uninterrupted_run(in_tmp: Path, signum: int) -> None:
+    # Two loader workers: with workers, Lightning starts the first iterator of a process before it
+    # sets the sampler's epoch, so a resume that relied on set_epoch replayed epoch 0's order.
+    args = [*TINY, "--trainer.max_epochs", "2", "--data.init_args.num_workers", "2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    marker = in_tmp / "holding"
+    cmd = [sys.executable, RUN_PY, "fit", *args, "--trainer.logger.init_args.name", "preempted",
+           *hold_for_signal(epoch=1, batch=2, marker=marker)]
+    code, err = preempt(cmd, in_tmp, marker, signum, env)
+    name = signal.Signals(signum).name
+    assert code == 128 + signum, err[-3000:]
+    last_line = err.strip().splitlines()[-1]
+    assert last_line.startswith(f"Stopped by {name} at epoch 1, batch 3 of 8 (step 11): saved "), last_line
+    assert "--ckpt_path last" in last_line
+    run_dir = in_tmp / "runs/preempted/version_0"
+    ckpt = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["global_step"]) == (1, 11)
+    assert ckpt["SyntheticDataModule"]["train_order"] == {
+        "epoch": 1, "batches_done": 3, "epoch_batches": 8, "train_size": 64, "batch_size": 8}
+    assert not (run_dir / "fit_summary.json").exists(), "a pre-empted fit must not look finished"
+    assert not list(run_dir.rglob("*.tmp"))
+
+    run.cli_main(["fit", *args, "--trainer.logger.init_args.name", "preempted", "--ckpt_path", "last"])
+    run.cli_main(["fit", *args, "--trainer.logger.init_args.name", "straight"])
+    resumed = state(run_dir / "checkpoints/last.ckpt")
+    straight = state(in_tmp / "runs/straight/version_0/checkpoints/last.ckpt")
+    assert resumed.keys() == straight.keys()
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key
+    summaries = [json.loads((in_tmp / f"runs/{n}/version_0/fit_summary.json").read_text())
+                 for n in ("preempted", "straight")]
+    assert summaries[0]["global_steps"] == summaries[1]["global_steps"] == 16
+    assert summaries[0]["best_score"] == summaries[1]["best_score"]
+
+
 def test_same_config_and_seed_give_identical_metrics(in_tmp: Path) -> None:
     results = []
     for name in ("a", "b"):
