@@ -99,7 +99,7 @@ def choose_precision(trainer: Any) -> None:
 
     device = resolve_device(trainer.get("accelerator"))
     if trainer.get("precision") is None:
-        trainer.precision, why = auto_precision(device)
+        trainer.precision, why = auto_precision(device, trainer.get("strategy"))
         print(f"trainer.precision: {trainer.precision} ({why}; set --trainer.precision to choose).", file=sys.stderr)
     elif (warning := slow_precision_warning(trainer.precision, device)) is not None:
         log.warning(warning)
@@ -224,8 +224,14 @@ def parse_error_message(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: our user-facing errors end the output as one line, exit code 1."""
+    from lightning_modules.resume import Preempted
+
     try:
         cli_main(argv)
+    except Preempted as stop:  # a clean stop with a checkpoint: say where, after everything else
+        if stop.message:
+            print(f"\n{stop.message}", file=sys.stderr, flush=True)
+        return int(stop.code)
     except ArgumentError as err:
         print(f"error: {parse_error_message(err)}", file=sys.stderr)
         return 2

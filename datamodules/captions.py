@@ -84,6 +84,10 @@ class _CaptionDataModule(ResumableTrainOrder, L.LightningDataModule):
         sampler = self.resume_sampler(len(ds), self.seed, augmentation_seeds=False)
         return self._loader(ds, sampler=sampler, loader=ResumableDataLoader)
 
+    def encoding_dataloader(self) -> DataLoader:
+        """Every training pair once, in order, unsharded (for precomputing latents on each rank)."""
+        return self._loader(self._dataset("train"))
+
     def _train_size(self) -> int:
         return len(self._dataset("train"))
 

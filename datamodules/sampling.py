@@ -112,14 +112,18 @@ class ResumableTrainOrder:
         trainer = getattr(self, "trainer", None)
         if trainer is None or str(getattr(trainer.state.fn, "value", trainer.state.fn)) != "fit":
             return {}
-        epoch_loop = trainer.fit_loop.epoch_loop
-        total = trainer.num_training_batches
+        fit_loop = trainer.fit_loop
+        total = int(trainer.num_training_batches) if trainer.num_training_batches != float("inf") else -1
+        done = int(fit_loop.epoch_loop.batch_progress.current.processed)
+        if fit_loop.epoch_progress.current.processed > trainer.current_epoch:
+            done = total  # the epoch is over (also when it ended early): the next one starts afresh
         return {STATE_KEY: {
             "epoch": int(trainer.current_epoch),
-            "batches_done": int(epoch_loop.batch_progress.current.processed),
-            "epoch_batches": int(total) if total != float("inf") else -1,
+            "batches_done": done,
+            "epoch_batches": total,
             "train_size": int(self._train_size()),
             "batch_size": int(self.batch_size),
+            "world_size": int(trainer.world_size),
         }}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -142,5 +146,11 @@ class ResumableTrainOrder:
         done, total = saved["batches_done"], saved["epoch_batches"]
         if total >= 0 and done >= total:  # saved at the end of an epoch: the next one starts afresh
             return EpochShuffleSampler(size, seed, augmentation_seeds, epoch=saved["epoch"] + 1)
-        return EpochShuffleSampler(size, seed, augmentation_seeds, epoch=saved["epoch"],
-                                   skip=done * self.batch_size)
+        sampler = EpochShuffleSampler(size, seed, augmentation_seeds, epoch=saved["epoch"], skip=done * self.batch_size)
+        if saved.get("world_size", 1) != sampler.num_replicas:
+            raise ValueError(
+                f"The checkpoint was written mid-epoch by {saved.get('world_size', 1)} processes, but this run "
+                f"has {sampler.num_replicas}; resume on as many devices (trainer.devices x trainer.num_nodes), "
+                "or from a checkpoint written at an epoch's end."
+            )
+        return sampler

@@ -45,12 +45,25 @@ def resolve_device(accelerator: Any) -> str:
     return "cpu"
 
 
-def auto_precision(device: str) -> tuple[str, str]:
-    """(precision, why) for training on ``device``."""
+def cuda_has_native_bf16() -> bool:
+    """Whether GPU 0 computes bf16 in hardware (NVIDIA compute capability 8.0+, i.e. Ampere or newer).
+
+    ``torch.cuda.is_bf16_supported()`` alone also says yes for emulated bf16 (V100, T4).
+    """
+    if torch.version.hip:  # ROCm: torch's own answer
+        return bool(torch.cuda.is_bf16_supported())
+    return torch.cuda.get_device_capability(0)[0] >= 8
+
+
+def auto_precision(device: str, strategy: Any = None) -> tuple[str, str]:
+    """(precision, why) for training on ``device`` with ``strategy``."""
     if device == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if any(k in str(getattr(strategy, "class_path", strategy) or "") for k in ("fork", "notebook")):
+            # Probing the GPU would initialise CUDA here, which fork-based strategies forbid.
+            return "16-mixed", "the GPU is not probed under a fork-based strategy; fp16 autocast with loss scaling"
+        if cuda_has_native_bf16():
             return "bf16-mixed", "this GPU computes bf16 natively"
-        return "16-mixed", "this GPU has no bf16 support; fp16 autocast with loss scaling"
+        return "16-mixed", "this GPU has no native bf16; fp16 autocast with loss scaling"
     if device == "cpu":
         if cpu_has_native_bf16():
             return "bf16-mixed", "this CPU computes bf16 natively"

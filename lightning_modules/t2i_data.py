@@ -55,7 +55,12 @@ class LatentCache:
     def build(cls, module: TextToImage, with_empty_caption: bool, chunk: int = 64) -> LatentCache:
         timer = StageTimer()
         trainer = module.trainer
-        loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
+        # The whole training set in order on every rank (the train loader is a shuffled shard per rank).
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "encoding_dataloader"):
+            loader = datamodule.encoding_dataloader()
+        else:
+            loader = datamodule.train_dataloader() if datamodule is not None else trainer.train_dataloader
         means: dict[str, torch.Tensor] = {}
         stds: dict[str, torch.Tensor] = {}
         captions: set[str] = {""} if with_empty_caption else set()

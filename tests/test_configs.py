@@ -54,6 +54,8 @@ def test_experiment_config_resolves(path: Path, capsys: pytest.CaptureFixture) -
     assert config["model"]["class_path"].startswith("lightning_modules.")
     assert config["data"]["class_path"].startswith("datamodules.")
     assert config["trainer"]["logger"]["class_path"].endswith("TensorBoardLogger")
+    callbacks = [c["class_path"] for c in config["trainer"]["callbacks"]]
+    assert "lightning_modules.resume.Preemption" in callbacks, "every experiment stops cleanly when pre-empted"
 
 
 @pytest.mark.parametrize(

@@ -525,3 +525,8 @@ def test_train_order_state_resumes_at_the_saved_batch_or_the_next_epoch():
     dm.load_state_dict({"train_order": {**state, "batch_size": 4}})
     with pytest.raises(ValueError, match="40 training samples in batches of 4, but this run has 40 in batches of 8"):
         dm.train_dataloader()
+    dm.load_state_dict({"train_order": {**state, "world_size": 2}})
+    with pytest.raises(ValueError, match="written mid-epoch by 2 processes, but this run has 1; resume on as many"):
+        dm.train_dataloader()
+    dm.load_state_dict({"train_order": {**state, "world_size": 2, "batches_done": 5}})
+    assert dm.train_dataloader().sampler.epoch == 2, "an epoch-end checkpoint resumes on any device count"

@@ -90,36 +90,48 @@ def preempt(cmd: list[str], cwd: Path, marker: Path, signum: int, env: dict[str,
     return proc.returncode, err
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_preemption_mid_epoch_saves_then_resume_equals_an_uninterrupted_run(in_tmp: Path, signum: int) -> None:
+# (signal, epoch, batch index where it arrives, where the run stops, global step, batches done in the epoch)
+PREEMPTIONS = [
+    (signal.SIGTERM, 1, 2, "at epoch 1, batch 3 of 8", 11, 3),
+    # On an epoch's last batch the stop waits for that validation (best.ckpt sees it) and the epoch end.
+    (signal.SIGUSR1, 0, 7, "at the end of epoch 0", 8, 8),
+]
+
+
+@pytest.mark.parametrize(("signum", "epoch", "batch", "where", "step", "done"), PREEMPTIONS,
+                         ids=["SIGTERM-mid-epoch", "SIGUSR1-last-batch"])
+def test_preemption_saves_at_a_clean_point_then_resume_equals_an_uninterrupted_run(
+    in_tmp: Path, signum: int, epoch: int, batch: int, where: str, step: int, done: int
+) -> None:
     # Two loader workers: with workers, Lightning starts the first iterator of a process before it
     # sets the sampler's epoch, so a resume that relied on set_epoch replayed epoch 0's order.
     args = [*TINY, "--trainer.max_epochs", "2", "--data.init_args.num_workers", "2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     marker = in_tmp / "holding"
     cmd = [sys.executable, RUN_PY, "fit", *args, "--trainer.logger.init_args.name", "preempted",
-           *hold_for_signal(epoch=1, batch=2, marker=marker)]
+           *hold_for_signal(epoch=epoch, batch=batch, marker=marker)]
     code, err = preempt(cmd, in_tmp, marker, signum, env)
     name = signal.Signals(signum).name
     assert code == 128 + signum, err[-3000:]
     last_line = err.strip().splitlines()[-1]
-    assert last_line.startswith(f"Stopped by {name} at epoch 1, batch 3 of 8 (step 11): saved "), last_line
+    assert last_line.startswith(f"Stopped by {name} {where} (step {step}): saved "), last_line
     assert "--ckpt_path last" in last_line
     run_dir = in_tmp / "runs/preempted/version_0"
     ckpt = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
-    assert (ckpt["epoch"], ckpt["global_step"]) == (1, 11)
+    assert (ckpt["epoch"], ckpt["global_step"]) == (epoch, step)
     assert ckpt["SyntheticDataModule"]["train_order"] == {
-        "epoch": 1, "batches_done": 3, "epoch_batches": 8, "train_size": 64, "batch_size": 8}
+        "epoch": epoch, "batches_done": done, "epoch_batches": 8, "train_size": 64, "batch_size": 8, "world_size": 1}
     assert not (run_dir / "fit_summary.json").exists(), "a pre-empted fit must not look finished"
     assert not list(run_dir.rglob("*.tmp"))
 
     run.cli_main(["fit", *args, "--trainer.logger.init_args.name", "preempted", "--ckpt_path", "last"])
     run.cli_main(["fit", *args, "--trainer.logger.init_args.name", "straight"])
-    resumed = state(run_dir / "checkpoints/last.ckpt")
-    straight = state(in_tmp / "runs/straight/version_0/checkpoints/last.ckpt")
-    assert resumed.keys() == straight.keys()
-    for key in straight:
-        assert torch.equal(resumed[key], straight[key]), key
+    for ckpt_name in ("last.ckpt", "best.ckpt"):
+        resumed = state(run_dir / "checkpoints" / ckpt_name)
+        straight = state(in_tmp / "runs/straight/version_0/checkpoints" / ckpt_name)
+        assert resumed.keys() == straight.keys()
+        for key in straight:
+            assert torch.equal(resumed[key], straight[key]), (ckpt_name, key)
     summaries = [json.loads((in_tmp / f"runs/{n}/version_0/fit_summary.json").read_text())
                  for n in ("preempted", "straight")]
     assert summaries[0]["global_steps"] == summaries[1]["global_steps"] == 16

@@ -434,3 +434,15 @@ def test_demo_config_runs_through_the_cli(in_tmp: Path) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["metrics"]["num_images"] == 4 and metrics["method"]["class_path"] == "peft_methods.LoRA"
     assert (run_dir / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_latents_are_encoded_from_every_training_pair_in_order() -> None:
+    """The precompute cache reads an unsharded, in-order loader: each DDP rank's shuffled shard finds its ids."""
+    from datamodules.sampling import EpochShuffleSampler
+
+    data = tiny_data(num_train=16)
+    ids = [i for batch in data.encoding_dataloader() for i in batch["id"]]
+    shuffled = [i for batch in data.train_dataloader() for i in batch["id"]]
+    assert ids == [data._dataset("train")[k]["id"] for k in range(len(ids))]
+    assert sorted(ids) == sorted(shuffled) and ids != shuffled
+    assert isinstance(data.train_dataloader().sampler, EpochShuffleSampler)
