@@ -48,7 +48,13 @@ from pathlib import Path
 from typing import Any
 
 from lightning_modules.results import write_json_atomic
-from lightning_modules.sweeps.executors import LocalExecutor, RunResult, SubmititExecutor, slurm_job_alive
+from lightning_modules.sweeps.executors import (
+    RESUME,
+    LocalExecutor,
+    RunResult,
+    SubmititExecutor,
+    slurm_job_alive,
+)
 from lightning_modules.sweeps.grid import Sweep, format_value, load_sweep
 from lightning_modules.sweeps.plan import FINAL, RunSpec, final_runs, group_of, inside, tune_runs
 from lightning_modules.sweeps.protocol import resolve_config, runs_to_check, select, tune_target
@@ -135,11 +141,15 @@ def _rel(path: str) -> str:
 
 
 def prepare(run: RunSpec, entry: dict[str, Any], force: bool) -> tuple[str, ...]:
-    """Stages still to run; an unfinished attempt is removed first (its fit is kept if it finished)."""
+    """Stages still to run: a finished fit is kept, a stopped one (pre-empted, killed) resumes from its
+    ``last.ckpt``, any other unfinished attempt is removed first."""
     fit_done = (run.version_dir / "fit_summary.json").is_file() and (
         run.version_dir / "checkpoints" / "best.ckpt").is_file()
-    if not force and run.stage == FINAL and fit_done and entry.get("fingerprint") == run.fingerprint():
+    same = not force and entry.get("fingerprint") == run.fingerprint()
+    if same and run.stage == FINAL and fit_done:
         return ("test",)
+    if same and not fit_done and (run.version_dir / "checkpoints" / "last.ckpt").is_file():
+        return (RESUME, *run.stages[1:])  # exact resume: the same batches as an uninterrupted run
     if run.version_dir.exists() and inside(run.version_dir, Path(run.save_dir)):
         shutil.rmtree(run.version_dir)
     return run.stages

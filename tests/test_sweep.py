@@ -246,6 +246,38 @@ def test_finished_runs_are_skipped_partial_runs_resume_and_force_reruns(in_tmp: 
     assert sorted(again.stages()) == [("fit", "seed=0"), ("fit", "seed=1"), ("test", "seed=0"), ("test", "seed=1")]
 
 
+def test_a_preempted_run_resumes_from_its_last_checkpoint(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_sweep(in_tmp, {"seed_everything": [0, 1]})
+    finished = FakeRunPy()
+
+    def preempted_seed_1(command: list[str], log: Any, cwd: str, env: dict[str, str]) -> int:
+        if command[2] != "fit" or arg(command, "--seed_everything") != "1":
+            return finished(command, log, cwd, env)
+        version = Path(arg(command, "--trainer.logger.init_args.save_dir")) / "seed=1" / "version_0"
+        (version / "checkpoints").mkdir(parents=True)
+        (version / "checkpoints" / "last.ckpt").write_bytes(b"x")
+        log.write("Stopped by SIGTERM at epoch 1, batch 3 of 8 (step 11): saved ...\n")
+        return 143
+
+    monkeypatch.setattr(executors, "run_stage", preempted_seed_1)
+    assert sweep.main(["run", str(path)]) == 1
+    state = json.loads((in_tmp / "sweeps/sweep/sweep_state.json").read_text())["runs"]
+    assert state["final/seed=1"]["status"] == "failed" and "Stopped by SIGTERM" in state["final/seed=1"]["error"]
+
+    resumed = FakeRunPy()
+    monkeypatch.setattr(executors, "run_stage", resumed)
+    assert sweep.main(["run", str(path)]) == 0
+    assert resumed.stages() == [("fit", "seed=1"), ("test", "seed=1")], "only the stopped run continues"
+    assert resumed.calls[0][-2:] == ["--ckpt_path", "last"], "its fit resumes instead of starting over"
+    assert resumed.calls[1][-2:] != ["--ckpt_path", "last"]
+
+    again = FakeRunPy()  # --force starts every run afresh, checkpoint or not
+    monkeypatch.setattr(executors, "run_stage", again)
+    (in_tmp / "sweeps/sweep/runs/seed=1/version_0/checkpoints/last.ckpt").write_bytes(b"x")
+    assert sweep.main(["run", str(path), "--force"]) == 0
+    assert all("--ckpt_path" not in c for c in again.calls)
+
+
 def test_a_crashed_sweep_leaves_finished_runs_reportable_and_skipped(in_tmp: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_sweep(in_tmp, {"seed_everything": [0, 1]})

@@ -25,6 +25,8 @@ from lightning_modules.sweeps.state import DONE, FAILED
 
 RUN_PY = ROOT / "run.py"
 ARRAY_SIZE = 1000  # SLURM's default MaxArraySize is 1001
+#: The stage of a fit that continues from its own ``last.ckpt`` (``run.py fit --ckpt_path last``).
+RESUME = "fit-resume"
 OnStart = Callable[..., None]
 OnDone = Callable[[RunSpec, "RunResult"], None]
 Todo = Sequence[tuple[RunSpec, tuple[str, ...]]]
@@ -72,7 +74,10 @@ def execute(run: RunSpec, stages: tuple[str, ...], env: dict[str, str] | None = 
     env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
     with open(log_path, "a") as log:
         for stage in stages:
-            command = [sys.executable, str(RUN_PY), stage, *run.args()]
+            if stage == RESUME:
+                command = [sys.executable, str(RUN_PY), "fit", *run.args(), "--ckpt_path", "last"]
+            else:
+                command = [sys.executable, str(RUN_PY), stage, *run.args()]
             log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
             log.flush()
             offset = log.tell()
