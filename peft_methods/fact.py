@@ -21,6 +21,7 @@ from torch import nn
 
 from peft_methods._vit import embed_dim, reference_param, set_module, vit_blocks, vit_blocks_reason
 from peft_methods.base import PeftMethod, freeze, unfreeze_head
+from peft_methods.qkv_split import fusable, fusable_linear, low_rank_linear
 
 FacTKind = Literal["tt", "tk"]
 _DEFAULT_RANK = {"tt": 8, "tk": 32}
@@ -81,8 +82,29 @@ class FacTLinear(nn.Module):
         s = s.view(self.out_chunks, self.in_chunks, r, r).permute(0, 2, 1, 3)
         return s.reshape(self.out_chunks * r, self.in_chunks * r)
 
+    #: Use the fused computation (``low_rank_linear``) when possible (False: always the module path).
+    fast_path: bool = True
+
+    def in_factor(self) -> torch.Tensor:
+        """Sigma blockdiag(U): (out_chunks r) x in_features, the map x -> the r-dim code(s) Sigma U x."""
+        f = self._factors[0]
+        core = self.core()
+        rows = core.shape[0]
+        return (core.view(rows, self.in_chunks, -1) @ f.u).view(rows, -1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self._factors[0]
+        base = self.base_layer
+        if (
+            self.fast_path and type(base) is nn.Linear and fusable_linear(base) and fusable(x)
+            and x.dtype == base.weight.dtype == f.u.dtype
+        ):
+            # One base GEMM; the r -> d product accumulates into its output (alpha = scale); in
+            # backward the input gradients of both terms accumulate into one buffer.
+            return low_rank_linear(
+                x, base.weight, base.bias, self.in_factor(), f.v, self.scale, self.out_chunks,
+                self.dropout, self.training,
+            )
         code = x.unflatten(-1, (self.in_chunks, -1)) @ f.u.t()  # (..., in_c, r)
         code = code.flatten(-2) @ self.core().t()  # (..., out_c r)
         code = F.dropout(code, self.dropout, self.training)

@@ -17,6 +17,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers import LayerNorm2d, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
@@ -29,8 +31,51 @@ _STANDARDISED_CONVS = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2
 _BLOCK_TARGETS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
 
 
+#: Layers whose forward is exactly F.linear / F.layer_norm of their own weight and bias.
+_FOLDABLE = (nn.Linear, nn.LayerNorm, TimmLayerNorm)
+#: Below this |gamma| the folded Linear path would divide by a near-zero scale in its backward.
+_MIN_FOLDED_SCALE = 1e-2
+
+
+class _FoldedScaleShiftLinear(torch.autograd.Function):
+    """y = gamma * (x W^T + b) + beta computed as x (gamma W)^T + (gamma b + beta).
+
+    The per-channel scale and shift ride on the (small) weight instead of the (large) activation:
+    no extra pass over the output in the forward, none over its gradient in the backward. The
+    scale's gradient needs the pre-scale output z = (y - beta) / gamma; y is saved instead of z,
+    and y is what the next layer saves anyway (GELU after fc1, attention after qkv), so the wrapper
+    keeps no activation of its own there.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, gamma, beta):  # noqa: ANN001, ANN205 - autograd.Function protocol
+        shift = beta if bias is None else torch.addcmul(beta, bias, gamma)
+        y = F.linear(x, weight * gamma[:, None], shift)
+        ctx.save_for_backward(y, weight, gamma, beta)
+        ctx.x_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):  # noqa: ANN001, ANN205
+        y, weight, gamma, beta = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_y @ (weight * gamma[:, None]).to(grad_y.dtype)).to(ctx.x_dtype)
+        dims = tuple(range(grad_y.ndim - 1))
+        grad_beta = grad_y.sum(dims, dtype=torch.float32)
+        grad_gamma = ((grad_y * y).sum(dims, dtype=torch.float32) - beta.float() * grad_beta) / gamma.float()
+        return grad_x, None, None, grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype)
+
+
 class ScaleShift(nn.Module):
-    """y = ssf_scale * base_layer(x) + ssf_shift along ``channel_dim`` of the output."""
+    """y = ssf_scale * base_layer(x) + ssf_shift along ``channel_dim`` of the output.
+
+    After a frozen ``nn.Linear`` or ``nn.LayerNorm`` (every ViT target but the patch embedding) the
+    scale and shift are folded into the layer's weight and bias on the fly, which computes the same
+    function with fewer passes over the activations (``_FoldedScaleShiftLinear``; a LayerNorm's
+    affine gradient comes from its own fused backward kernel). Other layers, a trainable base layer
+    and a near-zero scale take the direct path.
+    """
 
     def __init__(self, base_layer: nn.Module, channels: int, channel_dim: int) -> None:
         super().__init__()
@@ -41,8 +86,22 @@ class ScaleShift(nn.Module):
         self.ssf_shift = nn.Parameter(torch.empty(channels, device=like.device, dtype=like.dtype))
         nn.init.normal_(self.ssf_scale, mean=1.0, std=0.02)
         nn.init.normal_(self.ssf_shift, mean=0.0, std=0.02)
+        self.fold = type(base_layer) in _FOLDABLE and not getattr(base_layer, "_fast_norm", False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.base_layer
+        if self.fold and not any(p.requires_grad for p in layer.parameters()):
+            if isinstance(layer, nn.LayerNorm):
+                gamma, beta = self.ssf_scale, self.ssf_shift
+                weight = gamma if layer.weight is None else layer.weight * gamma
+                bias = beta if layer.bias is None else torch.addcmul(beta, layer.bias, gamma)
+                return F.layer_norm(x, layer.normalized_shape, weight, bias, layer.eps)
+            if not torch.is_grad_enabled() or bool(self.ssf_scale.detach().abs().min() >= _MIN_FOLDED_SCALE):
+                return _FoldedScaleShiftLinear.apply(x, layer.weight, layer.bias, self.ssf_scale, self.ssf_shift)
+        return self.direct(x)
+
+    def direct(self, x: torch.Tensor) -> torch.Tensor:
+        """The unfolded computation: the base layer's output, scaled and shifted."""
         y = self.base_layer(x)
         shape = [1] * y.ndim
         shape[self.channel_dim] = -1

@@ -258,3 +258,136 @@ def test_targets_name_existing_configs_and_evaluate_pass_fail(tmp_path: Path) ->
     assert by_key["t2i_cached_latents_ratio"]["pass"] is None and "adapter_bytes.lora" not in by_key
     assert len({t.pattern for t in TARGETS}) == len(TARGETS)
     json.dumps(rows)
+
+
+# ---------------------------------------------------------------------- fused low-rank layers (FacT, LoRA on q / v)
+def _fast_and_slow(peft_factory, kind: type) -> tuple[ImageClassifier, ImageClassifier]:
+    """Two equal modules with non-zero adapters; the second always takes the module-by-module path."""
+    fast, slow = module(peft_factory()), module(peft_factory())
+    with torch.no_grad():
+        for p in fast.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    slow.load_state_dict(fast.state_dict())
+    assert list(slow.state_dict()) == list(fast.state_dict())
+    layers = [m for m in slow.modules() if isinstance(m, kind)]
+    assert layers
+    for m in layers:
+        m.fast_path = False
+    return fast, slow
+
+
+def _assert_same_step(fast: ImageClassifier, slow: ImageClassifier, x: torch.Tensor) -> None:
+    """Same training-mode logits and gradients (same dropout masks), and the same eval logits."""
+    results = []
+    for m in (fast, slow):
+        torch.manual_seed(7)
+        logits = m.train()(x)
+        torch.manual_seed(7)
+        results.append((logits.detach(), loss_and_grads(m, x)))
+    (lf, (_, gf)), (ls, (_, gs)) = results
+    torch.testing.assert_close(lf, ls, atol=1e-5, rtol=1e-5)
+    assert gf.keys() == gs.keys() and gf
+    for name in gf:
+        torch.testing.assert_close(gf[name], gs[name], atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.eval()(x), slow.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["tt", "tk"])
+def test_fused_fact_layer_gives_the_module_paths_logits_and_gradients(kind: str, monkeypatch) -> None:
+    import peft_methods.fact as fact_module
+    from peft_methods import FacT
+    from peft_methods.fact import FacTLinear
+
+    calls = []
+    fused = fact_module.low_rank_linear
+    monkeypatch.setattr(fact_module, "low_rank_linear", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    fast, slow = _fast_and_slow(lambda: FacT(kind, dropout=0.1), FacTLinear)
+    _assert_same_step(fast, slow, images())
+    assert calls  # the fast path ran (and the slow one did not call it)
+    n = len(calls)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: the module path
+        fast(images())
+    assert len(calls) == n
+    FacT(kind).merge(fast.model), FacT(kind).merge(slow.model)
+    torch.testing.assert_close(fast.eval()(images()), slow.eval()(images()), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("targets", [None, ["q", "k", "v"]])
+def test_fused_qkv_lora_gives_the_module_paths_logits_and_gradients(targets, monkeypatch) -> None:
+    import peft_methods.qkv_split as qkv_module
+    from peft_methods.qkv_split import QKVSplit
+
+    calls = []
+    fused = qkv_module.low_rank_linear
+    monkeypatch.setattr(qkv_module, "low_rank_linear", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    fast, slow = _fast_and_slow(lambda: LoRA(targets=targets), QKVSplit)
+    assert any(".attn.qkv.q.lora_A.default.weight" in n for n in fast.state_dict())
+    _assert_same_step(fast, slow, images())
+    assert calls
+    # Any other peft state takes the module path: disabled adapters, merged weights.
+    x = images()
+    fast.eval(), slow.eval()
+    with torch.no_grad():
+        expected = slow(x)
+        n = len(calls)
+        for m in (fast, slow):
+            for layer in [layer for layer in m.modules() if hasattr(layer, "lora_A")]:
+                layer.enable_adapters(False)
+        torch.testing.assert_close(fast(x), slow(x), atol=1e-5, rtol=1e-5)
+        assert len(calls) == n
+        layers = [layer for layer in fast.modules() if hasattr(layer, "lora_A")]
+        for layer in layers:
+            layer.enable_adapters(True)
+            layer.merge()
+        torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)
+        assert len(calls) == n
+        for layer in layers:
+            layer.unmerge()
+        torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)
+        assert len(calls) > n
+
+
+# ---------------------------------------------------------------------- SSF folded into its layer
+def test_folded_ssf_gives_the_direct_paths_outputs_and_gradients() -> None:
+    """After Linear / LayerNorm the scale and shift ride on the weights: same function, same gradients."""
+    from peft_methods.ssf import ScaleShift
+
+    torch.manual_seed(0)
+    folded = module(SSF())
+    with torch.no_grad():  # a trained-looking SSF, scales away from 1 (one of them small but safe)
+        for name, p in folded.named_parameters():
+            if "ssf_" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    direct = module(SSF())
+    direct.load_state_dict(folded.state_dict())
+    wrappers = [m for m in direct.modules() if isinstance(m, ScaleShift)]
+    assert sum(m.fold for m in wrappers) == len(wrappers) - 1, "every ViT target but the patch embedding folds"
+    for m in wrappers:
+        m.fold = False
+    x = images(4)
+    loss_f, grads_f = loss_and_grads(folded, x)
+    loss_d, grads_d = loss_and_grads(direct, x)
+    torch.testing.assert_close(loss_f, loss_d, rtol=1e-5, atol=1e-5)
+    assert grads_f.keys() == grads_d.keys() and any("ssf_scale" in k for k in grads_f)
+    for key, grad in grads_d.items():
+        torch.testing.assert_close(grads_f[key], grad, rtol=1e-4, atol=1e-5, msg=key)
+    folded.eval()
+    direct.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), direct(x), rtol=1e-5, atol=1e-5)
+
+
+def test_folded_ssf_takes_the_direct_path_for_a_near_zero_scale() -> None:
+    from peft_methods.ssf import ScaleShift
+
+    layer = ScaleShift(torch.nn.Linear(8, 4), 4, -1)
+    layer.base_layer.requires_grad_(False)
+    with torch.no_grad():
+        layer.ssf_scale[1] = 0.0  # the folded backward would divide by it
+    x = torch.randn(3, 8, requires_grad=True)
+    layer(x).square().sum().backward()
+    expected = (layer.base_layer(x.detach()) * 2 * (layer.ssf_scale.detach() * layer.base_layer(x.detach()) + layer.ssf_shift.detach())).sum(0)
+    torch.testing.assert_close(layer.ssf_scale.grad, expected)
+    assert torch.isfinite(x.grad).all()
