@@ -1,6 +1,6 @@
 """Every performance ratio of medpeft, measured side by side in one run.
 
-``python -m benchmarks [--quick] [--json FILE] [--threads N] [--clock cpu|wall] [--only FAMILY ...]``
+``python -m benchmarks [--quick] [--json FILE] [--threads N] [--clock cpu|wall] [--precision P] [--only FAMILY ...]``
 prints a table (targets marked PASS / FAIL, with the reason where a target stays out of reach) and
 writes one JSON object: the flat ratios (``step_ratio.<config>``, ``merged_infer_ratio.<config>``,
 ...), plus ``machine``, ``settings``, ``targets``, ``other_clock`` and ``details``.
@@ -30,6 +30,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="torch intra-op threads (default 1: per-work ratios, robust to other jobs on the cores)")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="clock of the reported ratios (the other is kept under other_clock)")
+    parser.add_argument("--precision", choices=("auto", "bf16-mixed", "32-true"), default="auto",
+                        help="training precision of every measurement (auto: what a run on this CPU picks)")
     parser.add_argument("--only", nargs="+", default=None, metavar="FAMILY",
                         help="run only these families: " + ", ".join(FAMILIES))
     return parser.parse_args(argv)
@@ -44,9 +46,9 @@ def _steps(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     from benchmarks.steps import QUICK, channels_last_ratio, step_ratios
 
     quick = ctx["quick"]
-    vit, vit_d = step_ratios(VIT, QUICK[VIT] if quick else None, rounds=8 if quick else 10)
-    cnn, cnn_d = step_ratios(RESNET, QUICK[RESNET] if quick else None, rounds=4 if quick else 6)
-    nhwc, nhwc_d = channels_last_ratio(RESNET, "full", rounds=3 if quick else 5)
+    vit, vit_d = step_ratios(VIT, QUICK[VIT] if quick else None, rounds=5 if quick else 10)
+    cnn, cnn_d = step_ratios(RESNET, QUICK[RESNET] if quick else None, rounds=3 if quick else 6)
+    nhwc, nhwc_d = channels_last_ratio(RESNET, "full", rounds=2 if quick else 5)
     adapters = vit_d.pop("adapter_bytes")
     results = {**_flat("step_ratio", vit), **_flat("step_ratio_resnet50", cnn),
                "channels_last_ratio_resnet50": nhwc, **_flat("adapter_bytes", adapters)}
@@ -59,7 +61,7 @@ def _inference(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     from benchmarks.steps import QUICK
 
     names = QUICK["vit_small_patch16_224"] if ctx["quick"] else tuple(peft_configs())
-    merged, unmerged, details = infer_ratios(names, rounds=5 if ctx["quick"] else 10)
+    merged, unmerged, details = infer_ratios(names, rounds=3 if ctx["quick"] else 10)
     return {**_flat("merged_infer_ratio", merged), **_flat("unmerged_infer_ratio", unmerged)}, {"infer": details}
 
 
@@ -135,10 +137,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import lightning  # noqa: F401 - sets its loggers' levels on import; quieted below
     import torch
 
-    from benchmarks.harness import machine
+    from benchmarks.harness import PRECISION_ENV, machine, precision
     from benchmarks.report import evaluate, table
 
     torch.set_num_threads(args.threads)
+    if args.precision != "auto":
+        os.environ[PRECISION_ENV] = args.precision  # inherited by the memory subprocesses
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **results,
         "machine": machine(),
         "settings": {"quick": args.quick, "clock": args.clock, "threads": args.threads, "families": families,
-                     "batch": 8, "image_size": 224, "autocast": "bf16", "total_seconds": round(time.perf_counter() - started, 1)},
+                     "batch": 8, "image_size": 224, "precision": precision(), "total_seconds": round(time.perf_counter() - started, 1)},
         "targets": evaluate(results),
         "other_clock": other,
         "details": details,
@@ -175,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     checks = [r for r in report["targets"] if r["pass"] is not None]
     print(f"\n{sum(r['pass'] for r in checks)}/{len(checks)} targets met; "
           f"{report['settings']['total_seconds']} s on {report['machine']['cores']} cores "
-          f"({report['machine']['cpu']}), torch threads {args.threads}, {args.clock} clock.")
+          f"({report['machine']['cpu']}), torch threads {args.threads}, {args.clock} clock, "
+          f"{report['settings']['precision']}.")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 
-from benchmarks.harness import IMAGE_SIZE, ROOT, VIT, Timings, classifier, now, ratio, seconds
+from benchmarks.harness import IMAGE_SIZE, ROOT, VIT, Timings, classifier, now, precision, ratio, seconds
 
 BUSI = ROOT.parent / "shared" / "data" / "busi"
 BUSI_CLASSES = {"benign": 437, "malignant": 210, "normal": 133}
@@ -102,7 +102,7 @@ def _linear_probe_epochs(dm: Any, cache_features: bool, epochs: int) -> Timings:
     clock = _EpochClock()
     with tempfile.TemporaryDirectory() as root:  # the run's fit summary lands here, not in the cwd
         trainer = L.Trainer(
-            accelerator="cpu", devices=1, precision="bf16-mixed", max_epochs=epochs, logger=False,
+            accelerator="cpu", devices=1, precision=precision(), max_epochs=epochs, logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             limit_val_batches=0, num_sanity_val_steps=0, callbacks=[clock], default_root_dir=root,
         )

@@ -9,6 +9,7 @@ shared with other jobs excludes the time the scheduler gave to them (``--clock``
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import platform
@@ -32,6 +33,26 @@ RESNET = "resnet50"
 IMAGE_SIZE = 224
 BATCH = 8
 NUM_CLASSES = 3
+#: ``--precision`` of ``python -m benchmarks``, inherited by the per-config memory subprocesses.
+PRECISION_ENV = "MEDPEFT_BENCH_PRECISION"
+
+
+def precision() -> str:
+    """The Lightning precision of every measurement: ``--precision``, else what a run on this CPU picks.
+
+    bf16 autocast only pays off where the CPU computes bf16 natively; elsewhere runs train in 32-true
+    (``lightning_modules.precision``), and so do the benchmarks.
+    """
+    from lightning_modules.precision import auto_precision
+
+    return os.environ.get(PRECISION_ENV) or auto_precision("cpu")[0]
+
+
+def autocast() -> contextlib.AbstractContextManager:
+    """The forward-pass context of ``precision()``: bf16 autocast, or nothing for 32-true."""
+    if precision().startswith("bf16"):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -147,6 +168,8 @@ def now() -> tuple[float, float]:
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
+    from lightning_modules.precision import cpu_has_native_bf16
+
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -162,6 +185,7 @@ def machine() -> dict[str, Any]:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {
         "cpu": cpu, "cores": cores, "torch_threads": torch.get_num_threads(), "load_avg_1min": load,
+        "isa": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16(),
         "torch": torch.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     }
@@ -210,7 +234,7 @@ def batch(seed: int = 0, size: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]
 
 
 class ClassifierStep:
-    """One ImageClassifier training step: bf16 autocast forward + loss, backward, optimizer, scheduler."""
+    """One ImageClassifier training step: forward + loss (under ``autocast()``), backward, optimizer, scheduler."""
 
     def __init__(self, module: Any, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.module, self.images, self.labels = module, images, labels
@@ -220,7 +244,7 @@ class ClassifierStep:
         module.train()
 
     def __call__(self) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             loss = F.cross_entropy(self.module(self.images).float(), self.labels)
         loss.backward()
         self.optimizer.step()
@@ -237,7 +261,7 @@ class PlainStep:
         model.train()
 
     def __call__(self) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             loss = F.cross_entropy(self.model(self.x).float(), self.labels)
         loss.backward()
         self.optimizer.step()

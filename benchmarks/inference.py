@@ -13,6 +13,7 @@ from benchmarks.harness import (
     NUM_CLASSES,
     VIT,
     adjacent_ratios,
+    autocast,
     batch,
     classifier,
     interleaved,
@@ -24,14 +25,14 @@ from lightning_modules.speedups import prefers_fused_attention, set_fused_attent
 
 
 class Forward:
-    """One eval-mode forward pass under inference_mode and bf16 autocast (as predict runs)."""
+    """One eval-mode forward pass under inference_mode and ``autocast()`` (as predict runs)."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
         self.model, self.x = model.eval(), x
         set_fused_attention(model, prefers_fused_attention(model, "cpu"))
 
     def __call__(self) -> None:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.inference_mode(), autocast():
             self.model(self.x)
 
 

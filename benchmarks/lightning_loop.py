@@ -1,5 +1,5 @@
 """Per-step time of ImageClassifier inside a Lightning Trainer against a plain PyTorch loop doing the
-same work (bf16 autocast forward + loss, backward, AdamW, warmup-cosine scheduler) on the same
+same work (forward + loss under the benchmark precision, backward, AdamW, warmup-cosine scheduler) on the same
 in-memory batches.
 
 The two loops are interleaved step by step: a callback runs one plain-loop step (same module, its
@@ -18,7 +18,19 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import VIT, Timings, batch, classifier, constant_lr, method, now, ratio, seconds
+from benchmarks.harness import (
+    VIT,
+    Timings,
+    autocast,
+    batch,
+    classifier,
+    constant_lr,
+    method,
+    now,
+    precision,
+    ratio,
+    seconds,
+)
 from lightning_modules.classifier import warmup_cosine
 
 
@@ -53,7 +65,7 @@ class PlainLoop:
 
     def step(self, b: dict[str, Any]) -> None:
         module = self.module  # in train mode: it runs inside the Trainer's fit
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             loss = F.cross_entropy(module.model(module.preprocess(b["image"])).float(), b["label"])
         loss.backward()
         self.optimizer.step()
@@ -102,7 +114,7 @@ def lightning_overhead(config: str, steps: int = 10, warmup: int = 2) -> tuple[d
     clock = _Interleave(PlainLoop(module, steps), batches)
     with tempfile.TemporaryDirectory() as root:  # the run's fit summary lands here, not in the cwd
         trainer = L.Trainer(
-            accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=steps, max_epochs=1,
+            accelerator="cpu", devices=1, precision=precision(), max_steps=steps, max_epochs=1,
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             limit_val_batches=0, num_sanity_val_steps=0, callbacks=[clock], default_root_dir=root,
         )

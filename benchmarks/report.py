@@ -34,23 +34,24 @@ TARGETS: tuple[Target, ...] = (
 #: Why a target can stay out of reach on a CPU, printed beside a failing measurement. Each names the
 #: cost that the speed-up cannot remove (see the README's Performance section for the measurements).
 LIMITS: dict[str, str] = {
-    "step_ratio.lora": "input gradients still flow through every block; on top, LoRA on the q and v "
-                       "slices runs each fused qkv GEMM as three plus two adapter paths per block (LoRA "
-                       "on the fused qkv is cheaper: details.peft_lib_ratio)",
-    "step_ratio.ssf": "SSF adds 8 per-channel affine ops per block over full activations; their forward "
-                      "and backward passes are memory-bound on CPU and cost about what skipping weight "
-                      "gradients saves (model.init_args.compile fuses them)",
-    "step_ratio.fact_tt": "FacT adds three rank-8 matmuls and a full-size add per adapted layer (48 layers) "
-                          "forward and ~5 more backward; small matmuls run far below GEMM peak on CPU",
+    "step_ratio.lora": "the floor (step_ratio.floor: input gradients through every block) plus the rank-8 "
+                       "products of q and v; under bf16 autocast the per-slice modules run instead of the "
+                       "fused q/k/v GEMM",
+    "step_ratio.ssf": "the floor (step_ratio.floor) plus, per folded layer, the weight-sized scaling and the "
+                      "per-channel reductions of the scale and shift gradients; the patch embedding's SSF "
+                      "stays a per-channel pass over its output",
+    "step_ratio.fact_tt": "the floor (step_ratio.floor) plus three rank-8 products per adapted layer forward "
+                          "and five backward (48 layers), memory-bound at rank 8",
     "step_ratio.vpt_shallow": "10 prompt tokens lengthen every block's sequence (207 vs 197 tokens), so "
-                              "forward and input-gradient work grows on top of the shared cost",
-    "step_ratio.*": "input gradients still flow through every block (attention, norms, GELU, casts): "
-                    "only the weight-gradient GEMMs (~1/3 of linear-layer work) and the optimizer are saved",
+                              "forward and input-gradient work grows on top of the floor (step_ratio.floor)",
+    "step_ratio.*": "input gradients still flow through every block (attention, norms, GELU): "
+                    "step_ratio.floor, a LinearProbe that back-propagates through every block and computes "
+                    "nothing else, is the bound no method training inside the blocks can beat",
     "t2i_cached_latents_ratio": "precompute removes exactly the VAE-encoder and text-encoder passes, which "
                                 "are small next to the tiny model's UNet forward + backward that remains "
                                 "(component sizes: details.t2i_cached_latents_ratio.params)",
-    "peak_mem_ratio.ssf": "each SSF keeps its input activation for the scale's gradient beside the "
-                          "activation the next op saves: one extra activation per wrapped layer",
+    "peak_mem_ratio.ssf": "the SSF after the patch embedding, attn.proj and mlp.fc2 keeps an activation "
+                          "that no later op saves",
     "peak_mem_ratio.*": "activations for the input gradients dominate training memory at batch 8",
     "merged_infer_ratio.*": "a merged model is the plain architecture: a deviation is timing noise",
 }

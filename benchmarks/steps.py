@@ -42,15 +42,35 @@ def build_modules(backbone: str, names: tuple[str, ...] | None) -> tuple[dict[st
     return modules, skipped
 
 
+def floor_module(backbone: str) -> Any:
+    """The cheapest step that back-propagates through every block: no parameter gradient but the head's.
+
+    A LinearProbe whose patch / stem output is made to require a gradient, so backward computes the
+    input gradient of every block and nothing else: a lower bound for every method that trains
+    something in or before the first block (all of them but LinearProbe).
+    """
+    module = classifier(backbone, method("linear_probe"))
+    first = getattr(module.model, "patch_embed", None) or getattr(module.model, "conv1", None)
+    if first is None:
+        raise ValueError(f"no patch embedding or stem conv found in {backbone} for the floor measurement.")
+    first.register_forward_hook(lambda _m, _i, out: out.requires_grad_() if module.training else out)
+    return module
+
+
 def step_ratios(backbone: str, names: tuple[str, ...] | None, rounds: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``{config: {"wall", "cpu"} step time / full fine-tuning step time}`` and the details behind it."""
+    """``{config: {"wall", "cpu"} step time / full fine-tuning step time}`` and the details behind it.
+
+    ``floor`` is the step of ``floor_module``: what no method that trains inside the blocks can beat.
+    """
     modules, skipped = build_modules(backbone, names)
     images, labels = batch()
     steps = {name: ClassifierStep(m, images, labels) for name, m in modules.items()}
+    steps["floor"] = ClassifierStep(floor_module(backbone), images, labels)
     times = interleaved(steps, rounds=rounds)
     details = {
         "seconds_per_step": seconds(times),
         "trainable_params": {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in modules.items()},
+        "floor": "LinearProbe + input gradients through every block (benchmarks.steps.floor_module)",
         "skipped": skipped,
     }
     if backbone == VIT:
