@@ -192,3 +192,30 @@ def test_unwritable_output_directory_fails_before_training(in_tmp: Path, capsys:
     assert code == 1
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith(f"error: Output directory {blocker / 'runs'}") and "not writable" in last_line
+
+
+def test_sigusr1_inside_a_slurm_job_requeues_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from lightning_modules.resume import Preemption
+
+    log = tmp_path / "scontrol.log"
+    fake = tmp_path / "scontrol"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    rank0 = SimpleNamespace(is_global_zero=True)
+    assert not Preemption()._requeue(rank0, signal.SIGTERM), "SIGTERM (scancel) is not requeued by default"
+    assert Preemption()._requeue(rank0, signal.SIGUSR1)
+    assert not Preemption()._requeue(SimpleNamespace(is_global_zero=False), signal.SIGUSR1), "rank 0 requeues"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert Preemption(requeue=True)._requeue(rank0, signal.SIGTERM)
+    assert log.read_text().splitlines() == ["requeue 4242", "requeue 77_3"]
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID")
+    assert not Preemption(requeue=True)._requeue(rank0, signal.SIGUSR1), "outside SLURM there is nothing to requeue"
+    with pytest.raises(ValueError, match="SIGNOPE"):
+        Preemption(signals=["SIGNOPE"])
