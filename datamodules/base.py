@@ -227,9 +227,6 @@ class ImageClassificationDataModule(ResumableTrainOrder, L.LightningDataModule):
         sampler = self.resume_sampler(len(ds), seed)
         return self._loader(ds, sampler=sampler, drop_last=drop_last, loader=ResumableDataLoader)
 
-    def _train_size(self) -> int:
-        return len(self._dataset("train"))
-
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("val"))
 

@@ -88,9 +88,6 @@ class _CaptionDataModule(ResumableTrainOrder, L.LightningDataModule):
         """Every training pair once, in order, unsharded (for precomputing latents on each rank)."""
         return self._loader(self._dataset("train"))
 
-    def _train_size(self) -> int:
-        return len(self._dataset("train"))
-
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("val"))
 

@@ -102,7 +102,7 @@ class ResumableTrainOrder:
     """Mixin for LightningDataModules whose train loader uses ``EpochShuffleSampler``.
 
     ``state_dict`` (saved by Lightning in every checkpoint) records the epoch, the training batches
-    done in it and what the position means (dataset size, batch size); ``load_state_dict`` keeps it
+    done in it and what the position means (dataset size, batch size, world size); ``load_state_dict`` keeps it
     for ``resume_sampler``, which the next ``train_dataloader`` call uses.
     """
 
@@ -110,7 +110,7 @@ class ResumableTrainOrder:
 
     def state_dict(self) -> dict[str, Any]:
         trainer = getattr(self, "trainer", None)
-        if trainer is None or str(getattr(trainer.state.fn, "value", trainer.state.fn)) != "fit":
+        if trainer is None or trainer.state.fn != "fit":
             return {}
         fit_loop = trainer.fit_loop
         total = int(trainer.num_training_batches) if trainer.num_training_batches != float("inf") else -1
@@ -130,7 +130,7 @@ class ResumableTrainOrder:
         self._resume_order = dict(state[STATE_KEY]) if STATE_KEY in state else None
 
     def _train_size(self) -> int:
-        raise NotImplementedError
+        return len(self._dataset("train"))  # every datamodule of this suite builds its splits in _dataset
 
     def resume_sampler(self, size: int, seed: int, augmentation_seeds: bool = True) -> EpochShuffleSampler:
         """The train sampler: at the checkpoint's epoch and position after a restore, else at epoch 0."""
