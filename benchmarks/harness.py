@@ -213,7 +213,7 @@ def constant_lr(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LR
 
 
 def classifier(backbone: str, peft: PeftMethod, seed: int = 0, **kwargs: Any) -> Any:
-    """ImageClassifier as a run builds it (random weights: no network), attention chosen for CPU."""
+    """ImageClassifier as a run builds it (random weights: no network), attention chosen for CPU at ``precision()``."""
     from lightning_modules import ImageClassifier
 
     torch.manual_seed(seed)
@@ -222,7 +222,7 @@ def classifier(backbone: str, peft: PeftMethod, seed: int = 0, **kwargs: Any) ->
         backbone=backbone, peft=peft, num_classes=NUM_CLASSES, pretrained=False,
         image_size=IMAGE_SIZE, export_adapter=False, **kwargs,
     )
-    module.select_attention("cpu")
+    module.select_attention("cpu", precision())
     return module
 
 

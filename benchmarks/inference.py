@@ -18,6 +18,7 @@ from benchmarks.harness import (
     classifier,
     interleaved,
     method,
+    precision,
     seconds,
 )
 from lightning_modules.backbones import create_backbone
@@ -29,7 +30,7 @@ class Forward:
 
     def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
         self.model, self.x = model.eval(), x
-        set_fused_attention(model, prefers_fused_attention(model, "cpu"))
+        set_fused_attention(model, prefers_fused_attention(model, "cpu", precision()))
 
     def __call__(self) -> None:
         with torch.inference_mode(), autocast():

@@ -71,8 +71,9 @@ class ImageClassifier(L.LightningModule):
         export_adapter: at the end of fit, export the best weights to ``<run dir>/adapter/``.
         channels_last: keep weights and inputs in NHWC order: ~25% faster CNN training on CPU
             (ResNet-50, bf16); same results up to rounding, which bf16 BatchNorm statistics amplify.
-        fused_attention: timm's fused attention kernel; None picks per device at setup: the explicit
-            path on CPU (it trains ViTs faster there), fused elsewhere (``lightning_modules.speedups``).
+        fused_attention: timm's fused attention kernel; None picks per device and precision at setup:
+            the explicit path on CPU in bf16 (it trains ViTs faster there), fused elsewhere
+            (``lightning_modules.speedups``).
         compile: ``torch.compile`` the backbone (true, or a dict of ``torch.compile`` arguments);
             checkpoints and exports are unchanged.
         cache_features: when only the head trains (LinearProbe), run the frozen backbone once per
@@ -195,15 +196,17 @@ class ImageClassifier(L.LightningModule):
         return bool(getattr(getattr(trainer, "datamodule", None), "augment", False)) if trainer else False
 
     def setup(self, stage: str) -> None:
-        self.select_attention(self.trainer.strategy.root_device)
+        self.select_attention(self.trainer.strategy.root_device, self.trainer.precision)
         if self.feature_cache is not None and stage == "fit" and self._augmented_training:
             log.warning("cache_features: training images are augmented (data.init_args.augment: true), so "
                         "only validation / test features are cached; set augment: false to cache them all.")
 
-    def select_attention(self, device: torch.device | str) -> None:
-        """Applies ``fused_attention`` (None: the faster kernel for ``device``) to the backbone."""
+    def select_attention(self, device: torch.device | str, precision: str | None = "32-true") -> None:
+        """Applies ``fused_attention`` (None: the faster kernel for ``device`` and ``precision``) to the backbone."""
         choice = self.hparams.get("fused_attention")
-        set_fused_attention(self.model, prefers_fused_attention(self.model, device) if choice is None else choice)
+        if choice is None:
+            choice = prefers_fused_attention(self.model, device, precision)
+        set_fused_attention(self.model, choice)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()

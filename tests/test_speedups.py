@@ -20,6 +20,7 @@ from lightning_modules.speedups import (
     can_fuse_adamw,
     prefers_fused_attention,
     set_fused_attention,
+    uses_fused_attention,
 )
 from peft_methods import SSF, VPT, LinearProbe, LoRA
 from peft_methods.base import trainable_state_dict
@@ -56,36 +57,47 @@ def loss_and_grads(m: ImageClassifier, x: torch.Tensor) -> tuple[torch.Tensor, d
 
 
 # ---------------------------------------------------------------------- attention kernel
-def test_explicit_attention_gives_the_fused_results_and_is_chosen_on_cpu_only() -> None:
+def test_explicit_attention_gives_the_fused_results_and_is_chosen_on_cpu_in_bf16_only() -> None:
     fused, explicit = module(LoRA()), module(LoRA())
     explicit.load_state_dict(fused.state_dict())
     assert set_fused_attention(fused.model, True) == 12
-    explicit.select_attention("cpu")
+    explicit.select_attention("cpu", "bf16-mixed")
     assert not any(getattr(m, "fused_attn", False) for m in explicit.model.modules())
+    assert not uses_fused_attention(explicit.model) and uses_fused_attention(fused.model)
     (la, ga), (lb, gb) = loss_and_grads(fused, images()), loss_and_grads(explicit, images())
     torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
     assert ga.keys() == gb.keys() and ga
     for name in ga:
         torch.testing.assert_close(ga[name], gb[name], atol=1e-5, rtol=1e-4, msg=name)
-    assert prefers_fused_attention(explicit.model, "cuda") and not prefers_fused_attention(explicit.model, "cpu")
+    model = explicit.model
+    assert not prefers_fused_attention(model, "cpu", "bf16-mixed") and not prefers_fused_attention(model, "cpu", "bf16-true")
+    for device, precision in (("cpu", "32-true"), ("cpu", None), ("cuda", "bf16-mixed"), ("cuda", "32-true")):
+        assert prefers_fused_attention(model, device, precision), (device, precision)
+    explicit.select_attention("cpu", "32-true")
+    assert uses_fused_attention(explicit.model)
     long = module(LoRA(), image_size=16 * 20)  # 20 x 20 patches + cls > EXPLICIT_ATTENTION_MAX_TOKENS
-    assert 20 * 20 + 1 > EXPLICIT_ATTENTION_MAX_TOKENS and prefers_fused_attention(long.model, "cpu")
+    assert 20 * 20 + 1 > EXPLICIT_ATTENTION_MAX_TOKENS and prefers_fused_attention(long.model, "cpu", "bf16-mixed")
     forced = module(LoRA(), fused_attention=True)
-    forced.select_attention("cpu")
-    assert all(m.fused_attn for m in forced.model.modules() if hasattr(m, "fused_attn"))
+    forced.select_attention("cpu", "bf16-mixed")
+    assert uses_fused_attention(forced.model)
+    forced = module(LoRA(), fused_attention=False)
+    forced.select_attention("cpu", "32-true")
+    assert not uses_fused_attention(forced.model)
 
 
-def test_trainer_setup_selects_the_attention_kernel(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("precision", "fused"), [("32-true", True), ("bf16-mixed", False)])
+def test_trainer_setup_selects_the_attention_kernel_for_its_precision(tmp_path: Path, precision: str, fused: bool) -> None:
     from datamodules import SyntheticDataModule
 
     m = module(LinearProbe())
-    set_fused_attention(m.model, True)
+    set_fused_attention(m.model, not fused)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp_path)
+                        default_root_dir=tmp_path, precision=precision)
     data = SyntheticDataModule(num_train=8, num_val=4, num_test=4, image_size=32, batch_size=4, num_workers=0)
     trainer.fit(m, data)
-    assert not any(getattr(mod, "fused_attn", False) for mod in m.model.modules())
+    assert uses_fused_attention(m.model) is fused
+    assert any(isinstance(getattr(mod, "fused_attn", None), bool) for mod in m.model.modules())
 
 
 # ---------------------------------------------------------------------- channels_last
@@ -391,3 +403,30 @@ def test_folded_ssf_takes_the_direct_path_for_a_near_zero_scale() -> None:
     expected = (layer.base_layer(x.detach()) * 2 * (layer.ssf_scale.detach() * layer.base_layer(x.detach()) + layer.ssf_shift.detach())).sum(0)
     torch.testing.assert_close(layer.ssf_scale.grad, expected)
     assert torch.isfinite(x.grad).all()
+
+
+def test_t2i_benchmark_counts_encoder_time_inside_each_step() -> None:
+    from benchmarks.t2i import _StepClock
+
+    class Module:
+        calls: list[str] = []
+
+        def encode_images(self, images):
+            self.calls.append("images")
+            return sum(range(20000)), images
+
+        def encode_text(self, captions):
+            self.calls.append("text")
+            return captions
+
+    clock, m = _StepClock(), Module()
+    clock.time_encoders(m)
+    for step in range(3):
+        clock.on_train_batch_start()
+        if step != 1:  # a precomputed step calls no encoder
+            assert m.encode_images("x")[1] == "x" and m.encode_text(["c"]) == ["c"]
+        clock.on_train_batch_end()
+    assert m.calls == ["images", "text"] * 2
+    assert len(clock.steps.wall) == len(clock.encoders.cpu) == 3
+    assert clock.encoders.wall[1] == 0.0 and clock.encoders.wall[0] > 0 and clock.encoders.wall[2] > 0
+    assert all(e <= s for e, s in zip(clock.encoders.wall, clock.steps.wall, strict=True))
