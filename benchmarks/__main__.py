@@ -46,9 +46,9 @@ def _steps(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     from benchmarks.steps import QUICK, channels_last_ratio, step_ratios
 
     quick = ctx["quick"]
-    vit, vit_d = step_ratios(VIT, QUICK[VIT] if quick else None, rounds=5 if quick else 10)
-    cnn, cnn_d = step_ratios(RESNET, QUICK[RESNET] if quick else None, rounds=3 if quick else 6)
-    nhwc, nhwc_d = channels_last_ratio(RESNET, "full", rounds=2 if quick else 5)
+    vit, vit_d = step_ratios(VIT, QUICK[VIT] if quick else None, rounds=5 if quick else 8)
+    cnn, cnn_d = step_ratios(RESNET, QUICK[RESNET] if quick else None, rounds=2 if quick else 4)
+    nhwc, nhwc_d = channels_last_ratio(RESNET, "full", rounds=2 if quick else 4)
     adapters = vit_d.pop("adapter_bytes")
     results = {**_flat("step_ratio", vit), **_flat("step_ratio_resnet50", cnn),
                "channels_last_ratio_resnet50": nhwc, **_flat("adapter_bytes", adapters)}
@@ -61,7 +61,7 @@ def _inference(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     from benchmarks.steps import QUICK
 
     names = QUICK["vit_small_patch16_224"] if ctx["quick"] else tuple(peft_configs())
-    merged, unmerged, details = infer_ratios(names, rounds=3 if ctx["quick"] else 10)
+    merged, unmerged, details = infer_ratios(names, rounds=2 if ctx["quick"] else 4)
     return {**_flat("merged_infer_ratio", merged), **_flat("unmerged_infer_ratio", unmerged)}, {"infer": details}
 
 
@@ -75,7 +75,7 @@ def _lightning(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 def _peft_lib(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     from benchmarks.steps import peft_lib_ratio
 
-    value, details = peft_lib_ratio(rounds=3 if ctx["quick"] else 6)
+    value, details = peft_lib_ratio(rounds=3 if ctx["quick"] else 5)
     return {"peft_lib_ratio": value}, {"peft_lib_ratio": details}
 
 
@@ -85,8 +85,8 @@ def _data(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         root, kind = png_folder(Path(tmp))
         cached, cached_d = cached_epoch_ratio(root, rounds=1 if ctx["quick"] else 2)
-        probe, probe_d = linear_probe_cached_ratio(root, train_fraction=0.3 if ctx["quick"] else 1.0,
-                                                   rounds=1 if ctx["quick"] else 2)
+        probe, probe_d = linear_probe_cached_ratio(root, train_fraction=0.15 if ctx["quick"] else 0.5,
+                                                   rounds=1)
     return ({"cached_epoch_ratio": cached, "linear_probe_cached_ratio": probe},
             {"data": kind, "cached_epoch_ratio": cached_d, "linear_probe_cached_ratio": probe_d})
 
@@ -101,7 +101,7 @@ def _t2i(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         return {"t2i_cached_latents_ratio": reason}, {}
     from benchmarks.t2i import t2i_cached_latents_ratio
 
-    value, details = t2i_cached_latents_ratio(rounds=5 if ctx["quick"] else 7, steps=12, warmup=2)
+    value, details = t2i_cached_latents_ratio(rounds=3 if ctx["quick"] else 5, steps=12, warmup=2)
     return {"t2i_cached_latents_ratio": value}, {"t2i_cached_latents_ratio": details}
 
 
@@ -110,7 +110,7 @@ def _memory(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     from benchmarks.memory import peak_mem_ratios
 
     names = ("lora", "ssf", "bitfit") if ctx["quick"] else tuple(peft_configs())
-    ratios, details = peak_mem_ratios(names, steps=3, threads=ctx["threads"])
+    ratios, details = peak_mem_ratios(names, steps=2, threads=ctx["threads"])
     return _flat("peak_mem_ratio", ratios), {"peak_mem_ratio": details}
 
 
