@@ -530,3 +530,22 @@ def test_train_order_state_resumes_at_the_saved_batch_or_the_next_epoch():
         dm.train_dataloader()
     dm.load_state_dict({"train_order": {**state, "world_size": 2, "batches_done": 5}})
     assert dm.train_dataloader().sampler.epoch == 2, "an epoch-end checkpoint resumes on any device count"
+
+
+def test_seeded_augmentation_depends_on_the_seed_alone_and_leaves_the_global_rng_alone() -> None:
+    from torchvision.transforms import v2
+
+    from datamodules.base import ImageDataset, SplitData
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 3, 40, 40), dtype=np.uint8)
+    data = SplitData(images=images, labels=np.array([0, 1, 2]), ids=["a", "b", "c"])
+    transform = v2.Compose([v2.RandomResizedCrop((24, 24), scale=(0.3, 1.0), antialias=True), v2.RandomHorizontalFlip()])
+    ds = ImageDataset(data, transform, multilabel=False)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first, again, other = ds[(1, 7)]["image"], ds[(1, 7)]["image"], ds[(1, 8)]["image"]
+    assert torch.equal(torch.get_rng_state(), state), "a sample's augmentation must not move the global RNG"
+    assert first.shape == (3, 24, 24) and torch.equal(first, again) and not torch.equal(first, other)
+    torch.manual_seed(7)  # the same draws as seeding every generator
+    assert torch.equal(first, transform(torch.from_numpy(images[1])))
