@@ -46,7 +46,7 @@ def _steps(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     from benchmarks.steps import QUICK, channels_last_ratio, step_ratios
 
     quick = ctx["quick"]
-    vit, vit_d = step_ratios(VIT, QUICK[VIT] if quick else None, rounds=5 if quick else 8)
+    vit, vit_d = step_ratios(VIT, QUICK[VIT] if quick else None, rounds=4 if quick else 8)
     cnn, cnn_d = step_ratios(RESNET, QUICK[RESNET] if quick else None, rounds=2 if quick else 4)
     nhwc, nhwc_d = channels_last_ratio(RESNET, "full", rounds=2 if quick else 4)
     adapters = vit_d.pop("adapter_bytes")
@@ -61,14 +61,14 @@ def _inference(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     from benchmarks.steps import QUICK
 
     names = QUICK["vit_small_patch16_224"] if ctx["quick"] else tuple(peft_configs())
-    merged, unmerged, details = infer_ratios(names, rounds=2 if ctx["quick"] else 4)
+    merged, unmerged, details = infer_ratios(names, rounds=3 if ctx["quick"] else 4, repeats=1 if ctx["quick"] else 2)
     return {**_flat("merged_infer_ratio", merged), **_flat("unmerged_infer_ratio", unmerged)}, {"infer": details}
 
 
 def _lightning(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     from benchmarks.lightning_loop import lightning_overhead
 
-    value, details = lightning_overhead("lora", steps=10 if ctx["quick"] else 16)
+    value, details = lightning_overhead("lora", steps=8 if ctx["quick"] else 16)
     return {"lightning_overhead": value}, {"lightning_overhead": details}
 
 
@@ -86,7 +86,7 @@ def _data(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         root, kind = png_folder(Path(tmp))
         cached, cached_d = cached_epoch_ratio(root, rounds=1 if ctx["quick"] else 2)
         probe, probe_d = linear_probe_cached_ratio(root, train_fraction=0.15 if ctx["quick"] else 0.5,
-                                                   rounds=1)
+                                                   rounds=1, epochs=2 if ctx["quick"] else 3)
     return ({"cached_epoch_ratio": cached, "linear_probe_cached_ratio": probe},
             {"data": kind, "cached_epoch_ratio": cached_d, "linear_probe_cached_ratio": probe_d})
 
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     from benchmarks.harness import PRECISION_ENV, machine, precision
-    from benchmarks.report import evaluate, table
+    from benchmarks.report import config_table, evaluate, table
 
     torch.set_num_threads(args.threads)
     if args.precision != "auto":
@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print()
     print(table(results, other, args.clock))
+    print()
+    print(config_table(results))
     checks = [r for r in report["targets"] if r["pass"] is not None]
     print(f"\n{sum(r['pass'] for r in checks)}/{len(checks)} targets met; "
           f"{report['settings']['total_seconds']} s on {report['machine']['cores']} cores "

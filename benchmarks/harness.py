@@ -1,10 +1,13 @@
 """Shared benchmark machinery: interleaved timing, PEFT configs from YAML, model and step builders.
 
 Timing policy: every measurement family runs its cases side by side in one process, alternating
-them round by round (the starting case rotates), with warm-up runs excluded. A ratio is the median
-over rounds of (case time / reference time) in the same round, so slow drifts of the machine's load
-cancel. Every ratio is measured by two clocks: wall time, and process CPU time, which on a machine
-shared with other jobs excludes the time the scheduler gave to them (``--clock`` picks the reported one).
+them round by round (the starting case rotates), with warm-up runs excluded. A ratio is the fastest
+round of the case over the fastest round of the reference: on a shared machine other jobs only ever
+add time (cache, memory-bandwidth and core contention), in bursts that can cover most of a round,
+so the fastest round is the best estimate of a case's own cost (the step ratios also record the
+median over rounds of the same-round ratio: ``details.step_ratio.paired_median_ratio``). Every ratio is measured by two clocks:
+wall time, and process CPU time, which excludes the time the scheduler gave to other jobs
+(``--clock`` picks the reported one).
 """
 
 from __future__ import annotations
@@ -70,11 +73,19 @@ class Timings:
     def median_cpu(self) -> float:
         return statistics.median(self.cpu)
 
+    @property
+    def fastest(self) -> float:
+        return min(self.wall)
+
+    @property
+    def fastest_cpu(self) -> float:
+        return min(self.cpu)
+
 
 def interleaved(
     cases: dict[str, Callable[[], Any]], rounds: int, repeats: int = 1, warmup: int = 1
 ) -> dict[str, Timings]:
-    """Times every case ``repeats`` times per round for ``rounds`` rounds, cases alternating.
+    """Times every case ``repeats`` times per round (keeping the fastest) for ``rounds`` rounds, cases alternating.
 
     Garbage collection is paused while timing so that it does not land on one case by chance.
     """
@@ -95,8 +106,8 @@ def interleaved(
                     cases[name]()
                     wall.append(time.perf_counter() - w0)
                     cpu.append(time.process_time() - c0)
-                out[name].wall.append(statistics.median(wall))
-                out[name].cpu.append(statistics.median(cpu))
+                out[name].wall.append(min(wall))
+                out[name].cpu.append(min(cpu))
     finally:
         gc.enable()
     return out
@@ -107,10 +118,10 @@ def adjacent_ratios(
 ) -> dict[str, dict[str, float]]:
     """Ratio of each case to ``ref`` with the two run back to back (ref, case, case, ref, ...).
 
-    For short runs (an inference batch) whose noise is bursty: each round's ratio is the median of
-    the case's ``repeats`` runs over the median of the reference runs interleaved with them (the
-    order alternates, so neither side is always second); the result is the median over rounds
-    (the starting case rotates per round).
+    For short runs (an inference batch) whose noise is bursty: each case is compared with the
+    reference runs interleaved with its own (the order alternates, so neither side is always
+    second; the starting case rotates per round); the result is ``ratio`` of the case's fastest run
+    over the fastest of those reference runs.
     """
     names = list(cases)
     for fn in (ref, *cases.values()):
@@ -133,8 +144,8 @@ def adjacent_ratios(
                         runs[kind].cpu.append(time.process_time() - c0)
                 case_t, ref_t = per_round[name]
                 for t, kind in ((case_t, "case"), (ref_t, "ref")):
-                    t.wall.append(runs[kind].median)
-                    t.cpu.append(runs[kind].median_cpu)
+                    t.wall.append(runs[kind].fastest)
+                    t.cpu.append(runs[kind].fastest_cpu)
     finally:
         gc.enable()
     return {n: ratio(*per_round[n]) for n in names}
@@ -147,7 +158,12 @@ def paired_ratio(case: Timings, ref: Timings, cpu: bool = False) -> float:
 
 
 def ratio(case: Timings, ref: Timings) -> dict[str, float]:
-    """The paired ratio by both clocks: ``{"wall": ..., "cpu": ...}``."""
+    """Fastest round of ``case`` / fastest round of ``ref`` by both clocks: ``{"wall": ..., "cpu": ...}``."""
+    return {"wall": round(case.fastest / ref.fastest, 3), "cpu": round(case.fastest_cpu / ref.fastest_cpu, 3)}
+
+
+def paired_median_ratio(case: Timings, ref: Timings) -> dict[str, float]:
+    """``paired_ratio`` by both clocks (the median over rounds of the same-round ratio)."""
     return {"wall": round(paired_ratio(case, ref), 3), "cpu": round(paired_ratio(case, ref, cpu=True), 3)}
 
 
@@ -157,8 +173,8 @@ def ratios(times: dict[str, Timings], ref: str) -> dict[str, dict[str, float]]:
 
 
 def seconds(times: dict[str, Timings]) -> dict[str, dict[str, float]]:
-    """Median seconds of every case by both clocks."""
-    return {n: {"wall": round(t.median, 4), "cpu": round(t.median_cpu, 4)} for n, t in times.items()}
+    """Seconds of every case's fastest round by both clocks (what ``ratio`` divides)."""
+    return {n: {"wall": round(t.fastest, 4), "cpu": round(t.fastest_cpu, 4)} for n, t in times.items()}
 
 
 def now() -> tuple[float, float]:

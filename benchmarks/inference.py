@@ -49,7 +49,7 @@ def _trained(module: Any) -> nn.Module:
     return model
 
 
-def infer_ratios(names: tuple[str, ...], rounds: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def infer_ratios(names: tuple[str, ...], rounds: int, repeats: int = 2) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(merged / plain, unmerged / plain, details) for ViT-S configs; merged only for mergeable methods.
 
     Selective methods (BitFit, NormTuning, LinearProbe...) add no modules: their model is plain
@@ -76,7 +76,7 @@ def infer_ratios(names: tuple[str, ...], rounds: int) -> tuple[dict[str, Any], d
         if module.peft.mergeable:
             cases[f"merged.{name}"] = Forward(module.peft.merge(copy.deepcopy(adapted)), x)
     plain_forward = cases.pop("plain")
-    results = adjacent_ratios(cases, plain_forward, rounds=rounds, repeats=2)
+    results = adjacent_ratios(cases, plain_forward, rounds=rounds, repeats=repeats)
     merged: dict[str, dict[str, float]] = {}
     unmerged: dict[str, dict[str, float]] = {}
     for case, value in results.items():

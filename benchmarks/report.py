@@ -88,3 +88,61 @@ def table(results: dict[str, Any], other_clock: dict[str, Any], clock: str) -> s
         alt = other_clock.get(key, "")
         lines.append(f"| {key} | {value} | {alt} | {target} | {status} |")
     return "\n".join(lines)
+
+
+#: Per-config columns of ``config_table``: (result-key prefix, column title).
+CONFIG_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("step_ratio", "step / full (ViT-S)"),
+    ("step_ratio_resnet50", "step / full (ResNet-50)"),
+    ("merged_infer_ratio", "merged inference / plain"),
+    ("unmerged_infer_ratio", "unmerged inference / plain"),
+    ("peak_mem_ratio", "peak memory / full"),
+    ("adapter_bytes", "adapter"),
+)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def config_table(results: dict[str, Any]) -> str:
+    """A markdown table with one row per PEFT config and one column per per-config measurement."""
+    columns = [(prefix, title) for prefix, title in CONFIG_COLUMNS if any(k.startswith(prefix + ".") for k in results)]
+    configs: list[str] = []
+    for key in results:
+        prefix, _, name = key.partition(".")
+        if name and prefix in dict(columns) and name not in configs:
+            configs.append(name)
+    lines = ["| config | " + " | ".join(title for _, title in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for name in configs:
+        cells = []
+        for prefix, _ in columns:
+            value = results.get(f"{prefix}.{name}", "")
+            cells.append(_size(value) if prefix == "adapter_bytes" and isinstance(value, int) else str(value))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.report FILE.json``: the tables of a saved run."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__)
+    parser.add_argument("json", type=Path, help="a file written by python -m benchmarks --json")
+    args = parser.parse_args(argv)
+    report = json.loads(args.json.read_text())
+    results = {k: v for k, v in report.items() if k not in ("machine", "settings", "targets", "other_clock", "details")}
+    clock = report.get("settings", {}).get("clock", "cpu")
+    print(table(results, report.get("other_clock", {}), clock))
+    print()
+    print(config_table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,7 @@ from benchmarks.harness import (
     classifier,
     interleaved,
     method,
+    paired_median_ratio,
     peft_configs,
     ratio,
     ratios,
@@ -69,6 +70,7 @@ def step_ratios(backbone: str, names: tuple[str, ...] | None, rounds: int) -> tu
     times = interleaved(steps, rounds=rounds)
     details = {
         "seconds_per_step": seconds(times),
+        "paired_median_ratio": {n: paired_median_ratio(t, times["full"]) for n, t in times.items() if n != "full"},
         "trainable_params": {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in modules.items()},
         "floor": "LinearProbe + input gradients through every block (benchmarks.steps.floor_module)",
         "skipped": skipped,

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Timings, interleaved, paired_ratio, peft_configs
-from benchmarks.report import TARGETS, evaluate
+from benchmarks.harness import Timings, interleaved, paired_ratio, peft_configs, ratio, seconds
+from benchmarks.report import TARGETS, config_table, evaluate
 from benchmarks.steps import NO_WEIGHT_GRAD
 from lightning_modules import ImageClassifier
 from lightning_modules.feature_cache import FrozenFeatureCache, image_key
@@ -256,7 +256,10 @@ def test_interleaving_rotates_cases_and_ratios_pair_rounds() -> None:
     times = interleaved({c: (lambda c=c: calls.append(c)) for c in "abc"}, rounds=3, warmup=1)
     assert calls == list("abc") + list("abc") + list("bca") + list("cab")
     assert all(len(t.wall) == 3 and len(t.cpu) == 3 for t in times.values())
-    assert paired_ratio(Timings([2.0, 4.0, 9.0], [1, 1, 1]), Timings([1.0, 2.0, 3.0], [1, 1, 1])) == 2.0
+    case, ref = Timings([2.0, 4.0, 9.0], [3.0, 1.5, 1.2]), Timings([1.0, 2.0, 3.0], [1.0, 0.6, 0.8])
+    assert paired_ratio(case, ref) == 2.0  # median of the same-round ratios 2, 2, 3
+    assert ratio(case, ref) == {"wall": 2.0, "cpu": 2.0}  # fastest over fastest: 2 / 1 and 1.2 / 0.6
+    assert seconds({"case": case}) == {"case": {"wall": 2.0, "cpu": 1.2}}
 
 
 def test_targets_name_existing_configs_and_evaluate_pass_fail(tmp_path: Path) -> None:
@@ -270,6 +273,10 @@ def test_targets_name_existing_configs_and_evaluate_pass_fail(tmp_path: Path) ->
     assert by_key["t2i_cached_latents_ratio"]["pass"] is None and "adapter_bytes.lora" not in by_key
     assert len({t.pattern for t in TARGETS}) == len(TARGETS)
     json.dumps(rows)
+    lines = config_table({"step_ratio.lora": 0.7, "peak_mem_ratio.lora": 0.6, "step_ratio.ssf": 0.9,
+                          "adapter_bytes.lora": 602463, "adapter_bytes.full": 86681657, "lightning_overhead": 1.0}).splitlines()
+    assert lines[0] == "| config | step / full (ViT-S) | peak memory / full | adapter |"
+    assert lines[2:] == ["| lora | 0.7 | 0.6 | 602.5 KB |", "| ssf | 0.9 |  |  |", "| full |  |  | 86.7 MB |"]
 
 
 # ---------------------------------------------------------------------- fused low-rank layers (FacT, LoRA on q / v)
