@@ -60,7 +60,7 @@ def autocast() -> contextlib.AbstractContextManager:
 
 @dataclass
 class Timings:
-    """Per-round wall and CPU seconds of one case (each the median of that round's repeats)."""
+    """Per-round wall and CPU seconds of one case (each the fastest of that round's repeats)."""
 
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
@@ -119,9 +119,9 @@ def adjacent_ratios(
     """Ratio of each case to ``ref`` with the two run back to back (ref, case, case, ref, ...).
 
     For short runs (an inference batch) whose noise is bursty: each case is compared with the
-    reference runs interleaved with its own (the order alternates, so neither side is always
-    second; the starting case rotates per round); the result is ``ratio`` of the case's fastest run
-    over the fastest of those reference runs.
+    reference runs interleaved with its own (the order alternates over repeats and rounds, so
+    neither side is always second, also with one repeat; the starting case rotates per round); the
+    result is ``ratio`` of the case's fastest run over the fastest of those reference runs.
     """
     names = list(cases)
     for fn in (ref, *cases.values()):
@@ -137,7 +137,7 @@ def adjacent_ratios(
                 runs = {"ref": Timings(), "case": Timings()}
                 for k in range(repeats):
                     pair = (("ref", ref), ("case", cases[name]))
-                    for kind, fn in pair if k % 2 == 0 else pair[::-1]:
+                    for kind, fn in pair if (k + r) % 2 == 0 else pair[::-1]:
                         w0, c0 = time.perf_counter(), time.process_time()
                         fn()
                         runs[kind].wall.append(time.perf_counter() - w0)

@@ -46,10 +46,9 @@ class PeakRSS:
         self.method = ""
 
     def start(self) -> None:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        if _high_water_mark_resettable():  # VmHWM is now the current RSS
             self.method = "VmHWM"
-        except OSError:
+        else:
             self.method = "sampled"
             self._peak = rss_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -88,6 +87,14 @@ def measure(config: str, backbone: str = VIT, steps: int = 3) -> dict[str, Any]:
             "method": peak.method}
 
 
+def _high_water_mark_resettable() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def in_subprocess(config: str, backbone: str, steps: int, threads: int) -> dict[str, Any]:
     """``measure`` in a fresh Python process."""
     cmd = [sys.executable, "-m", "benchmarks.memory", config, "--backbone", backbone, "--steps", str(steps),
@@ -102,13 +109,14 @@ def in_subprocess(config: str, backbone: str, steps: int, threads: int) -> dict[
 def peak_mem_ratios(names: tuple[str, ...], steps: int, threads: int, backbone: str = VIT) -> tuple[dict[str, float], dict[str, Any]]:
     """``{config: peak above baseline / full fine-tuning's}`` (each config in its own process).
 
-    Up to two processes run at once when the machine has the cores: resident memory does not depend
-    on speed, so sharing the cores changes no measurement.
+    Two processes run at once when the kernel's high-water mark can be reset (``VmHWM``: a peak that
+    no sampling can miss, so it does not depend on speed) and the cores hold both processes' threads.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     configs = ("full", *[n for n in names if n != "full"])
-    workers = max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = 2 if _high_water_mark_resettable() and cores >= 2 * threads else 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
         done = pool.map(lambda name: in_subprocess(name, backbone, steps, threads), configs)
         raw = dict(zip(configs, done, strict=True))

@@ -83,10 +83,12 @@ def _steps(precompute: bool, steps: int) -> tuple[_StepClock, dict[str, int]]:
 
 
 def t2i_cached_latents_ratio(rounds: int, steps: int = 5, warmup: int = 1) -> tuple[dict[str, float], dict[str, Any]]:
-    """Median step time with ``precompute: true`` / with ``precompute: false`` (demo_t2i setting).
+    """Step time with ``precompute: true`` / with ``precompute: false`` (demo_t2i setting): the
+    fastest round of each, a round's time being the median step of one fit.
 
     Precompute can remove at most the encoders' share of an encoding step: the details give that
-    share, measured inside the same steps, and the bound 1 - share it sets on the ratio.
+    share (median over rounds, measured inside the same steps) and the bound 1 - share it sets on
+    the ratio, up to timing noise.
     """
     per_round = {"precomputed": Timings(), "encoding_every_step": Timings()}
     share = Timings()

@@ -72,8 +72,8 @@ class ImageClassifier(L.LightningModule):
         channels_last: keep weights and inputs in NHWC order: ~25% faster CNN training on CPU
             (ResNet-50, bf16); same results up to rounding, which bf16 BatchNorm statistics amplify.
         fused_attention: timm's fused attention kernel; None picks per device and precision at setup:
-            the explicit path on CPU in bf16 (it trains ViTs faster there), fused elsewhere
-            (``lightning_modules.speedups``).
+            the explicit path on CPU in bf16-mixed up to 400 tokens per image (it trains ViTs faster
+            there), fused elsewhere (``lightning_modules.speedups``).
         compile: ``torch.compile`` the backbone (true, or a dict of ``torch.compile`` arguments);
             checkpoints and exports are unchanged.
         cache_features: when only the head trains (LinearProbe), run the frozen backbone once per

@@ -38,8 +38,9 @@ def set_fused_attention(model: nn.Module, enabled: bool) -> int:
 
 
 def uses_fused_attention(model: nn.Module) -> bool:
-    """Whether every attention module of ``model`` that has timm's switch runs the fused kernel."""
-    return all(m.fused_attn for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool))
+    """Whether ``model`` has timm attention modules and every one of them runs the fused kernel."""
+    switches = [m.fused_attn for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    return bool(switches) and all(switches)
 
 
 def token_count(model: nn.Module) -> int | None:
@@ -53,10 +54,10 @@ def token_count(model: nn.Module) -> int | None:
 def prefers_fused_attention(model: nn.Module, device: torch.device | str, precision: str | None = "32-true") -> bool:
     """Whether timm's fused attention is the faster choice for ``model`` on ``device`` at ``precision``.
 
-    Fused everywhere except on CPU in bf16 (a Lightning precision starting with ``bf16``), where the
-    explicit path is faster as long as the N x N scores stay small (``EXPLICIT_ATTENTION_MAX_TOKENS``).
+    Fused everywhere except on CPU under bf16 autocast (``bf16-mixed``, where it was measured), where
+    the explicit path is faster as long as the N x N scores stay small (``EXPLICIT_ATTENTION_MAX_TOKENS``).
     """
-    if torch.device(device).type != "cpu" or not str(precision or "").startswith("bf16"):
+    if torch.device(device).type != "cpu" or str(precision) != "bf16-mixed":
         return True
     tokens = token_count(model)
     return tokens is not None and tokens > EXPLICIT_ATTENTION_MAX_TOKENS

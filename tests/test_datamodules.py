@@ -532,7 +532,7 @@ def test_train_order_state_resumes_at_the_saved_batch_or_the_next_epoch():
     assert dm.train_dataloader().sampler.epoch == 2, "an epoch-end checkpoint resumes on any device count"
 
 
-def test_seeded_augmentation_depends_on_the_seed_alone_and_leaves_the_global_rng_alone() -> None:
+def test_seeded_augmentation_depends_on_the_seed_alone_and_leaves_the_global_rng_alone(monkeypatch) -> None:
     from torchvision.transforms import v2
 
     from datamodules.base import ImageDataset, SplitData
@@ -544,8 +544,15 @@ def test_seeded_augmentation_depends_on_the_seed_alone_and_leaves_the_global_rng
     ds = ImageDataset(data, transform, multilabel=False)
     torch.manual_seed(123)
     state = torch.get_rng_state()
+
+    def no_accelerator_seeding(*_args) -> None:
+        raise AssertionError("a sample's augmentation must seed the CPU generator only")
+
+    for backend in ("cuda", "xpu", "mtia"):
+        monkeypatch.setattr(getattr(torch, backend), "manual_seed_all", no_accelerator_seeding)
     first, again, other = ds[(1, 7)]["image"], ds[(1, 7)]["image"], ds[(1, 8)]["image"]
     assert torch.equal(torch.get_rng_state(), state), "a sample's augmentation must not move the global RNG"
     assert first.shape == (3, 24, 24) and torch.equal(first, again) and not torch.equal(first, other)
+    monkeypatch.undo()
     torch.manual_seed(7)  # the same draws as seeding every generator
     assert torch.equal(first, transform(torch.from_numpy(images[1])))

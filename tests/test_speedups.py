@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import lightning as L
@@ -10,7 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Timings, interleaved, paired_ratio, peft_configs, ratio, seconds
+from benchmarks.harness import (
+    Timings,
+    adjacent_ratios,
+    interleaved,
+    paired_ratio,
+    peft_configs,
+    ratio,
+    seconds,
+)
 from benchmarks.report import TARGETS, config_table, evaluate
 from benchmarks.steps import NO_WEIGHT_GRAD
 from lightning_modules import ImageClassifier
@@ -64,14 +73,16 @@ def test_explicit_attention_gives_the_fused_results_and_is_chosen_on_cpu_in_bf16
     explicit.select_attention("cpu", "bf16-mixed")
     assert not any(getattr(m, "fused_attn", False) for m in explicit.model.modules())
     assert not uses_fused_attention(explicit.model) and uses_fused_attention(fused.model)
+    assert not uses_fused_attention(module(LoRA(), **CNN).model)  # no attention at all
     (la, ga), (lb, gb) = loss_and_grads(fused, images()), loss_and_grads(explicit, images())
     torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
     assert ga.keys() == gb.keys() and ga
     for name in ga:
         torch.testing.assert_close(ga[name], gb[name], atol=1e-5, rtol=1e-4, msg=name)
     model = explicit.model
-    assert not prefers_fused_attention(model, "cpu", "bf16-mixed") and not prefers_fused_attention(model, "cpu", "bf16-true")
-    for device, precision in (("cpu", "32-true"), ("cpu", None), ("cuda", "bf16-mixed"), ("cuda", "32-true")):
+    assert not prefers_fused_attention(model, "cpu", "bf16-mixed")
+    for device, precision in (("cpu", "32-true"), ("cpu", None), ("cpu", "bf16-true"), ("cuda", "bf16-mixed"),
+                              ("cuda", "32-true")):
         assert prefers_fused_attention(model, device, precision), (device, precision)
     explicit.select_attention("cpu", "32-true")
     assert uses_fused_attention(explicit.model)
@@ -256,10 +267,27 @@ def test_interleaving_rotates_cases_and_ratios_pair_rounds() -> None:
     times = interleaved({c: (lambda c=c: calls.append(c)) for c in "abc"}, rounds=3, warmup=1)
     assert calls == list("abc") + list("abc") + list("bca") + list("cab")
     assert all(len(t.wall) == 3 and len(t.cpu) == 3 for t in times.values())
-    case, ref = Timings([2.0, 4.0, 9.0], [3.0, 1.5, 1.2]), Timings([1.0, 2.0, 3.0], [1.0, 0.6, 0.8])
-    assert paired_ratio(case, ref) == 2.0  # median of the same-round ratios 2, 2, 3
-    assert ratio(case, ref) == {"wall": 2.0, "cpu": 2.0}  # fastest over fastest: 2 / 1 and 1.2 / 0.6
-    assert seconds({"case": case}) == {"case": {"wall": 2.0, "cpu": 1.2}}
+    case, ref = Timings([2.0, 9.0, 12.0], [3.0, 1.5, 1.8]), Timings([1.0, 3.0, 4.0], [1.0, 0.6, 0.5])
+    assert paired_ratio(case, ref) == 3.0  # median of the same-round ratios 2, 3, 3
+    assert ratio(case, ref) == {"wall": 2.0, "cpu": 3.0}  # fastest over fastest: 2 / 1 and 1.5 / 0.5
+    assert seconds({"case": case}) == {"case": {"wall": 2.0, "cpu": 1.5}}
+    count = [0]
+
+    def slow_twice_in_three() -> None:  # repeats 1 and 2 of every round sleep, repeat 3 does not
+        count[0] += 1
+        if count[0] % 3:
+            time.sleep(0.05)
+
+    kept = interleaved({"a": slow_twice_in_three}, rounds=2, repeats=3, warmup=0)
+    assert count[0] == 6 and len(kept["a"].wall) == 2
+    assert all(t < 0.05 for t in kept["a"].wall), "a round keeps its fastest repeat (the median would sleep)"
+
+
+def test_adjacent_ratios_alternate_the_order_with_one_repeat() -> None:
+    calls: list[str] = []
+    adjacent_ratios({"x": lambda: calls.append("x")}, lambda: calls.append("ref"), rounds=4, repeats=1, warmup=0)
+    pairs = [tuple(calls[i:i + 2]) for i in range(0, len(calls), 2)]
+    assert pairs == [("ref", "x"), ("x", "ref"), ("ref", "x"), ("x", "ref")]
 
 
 def test_targets_name_existing_configs_and_evaluate_pass_fail(tmp_path: Path) -> None:
@@ -416,7 +444,8 @@ def test_t2i_benchmark_counts_encoder_time_inside_each_step() -> None:
     from benchmarks.t2i import _StepClock
 
     class Module:
-        calls: list[str] = []
+        def __init__(self) -> None:
+            self.calls: list[str] = []
 
         def encode_images(self, images):
             self.calls.append("images")
