@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -49,6 +48,14 @@ def _trained(module: Any) -> nn.Module:
     return model
 
 
+def merged_twin(name: str) -> nn.Module:
+    """The merged model of ``_trained(classifier(VIT, method(name)))``, built afresh (same seeds, same
+    values): a deep copy of a model with ``torch.nn.utils.parametrize`` layers (SVDiff) loses their
+    weights, so the unmerged model is not copied."""
+    module = classifier(VIT, method(name))
+    return module.peft.merge(_trained(module))
+
+
 def infer_ratios(names: tuple[str, ...], rounds: int, repeats: int = 2) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(merged / plain, unmerged / plain, details) for ViT-S configs; merged only for mergeable methods.
 
@@ -74,7 +81,7 @@ def infer_ratios(names: tuple[str, ...], rounds: int, repeats: int = 2) -> tuple
         if module.peft.param_prefix:  # a selective method adds nothing: unmerged is already plain
             cases[f"unmerged.{name}"] = Forward(adapted, x)
         if module.peft.mergeable:
-            cases[f"merged.{name}"] = Forward(module.peft.merge(copy.deepcopy(adapted)), x)
+            cases[f"merged.{name}"] = Forward(merged_twin(name), x)
     plain_forward = cases.pop("plain")
     results = adjacent_ratios(cases, plain_forward, rounds=rounds, repeats=repeats)
     merged: dict[str, dict[str, float]] = {}

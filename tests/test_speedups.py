@@ -466,3 +466,20 @@ def test_t2i_benchmark_counts_encoder_time_inside_each_step() -> None:
     assert len(clock.steps.wall) == len(clock.encoders.cpu) == 3
     assert clock.encoders.wall[1] == 0.0 and clock.encoders.wall[0] > 0 and clock.encoders.wall[2] > 0
     assert all(e <= s for e, s in zip(clock.encoders.wall, clock.steps.wall, strict=True))
+
+
+def test_benchmark_merged_twin_equals_the_trained_unmerged_model(monkeypatch) -> None:
+    """Also for SVDiff, whose parametrized layers a deep copy would break."""
+    import benchmarks.inference as inference
+    from benchmarks import harness
+
+    monkeypatch.setattr(harness, "IMAGE_SIZE", 32)
+    monkeypatch.setattr(inference, "VIT", "vit_tiny_patch16_224")
+    x = torch.randn(2, 3, 32, 32)
+    for name in ("svdiff", "lora"):
+        module = harness.classifier("vit_tiny_patch16_224", harness.method(name))
+        adapted = inference._trained(module).eval()
+        merged = inference.merged_twin(name).eval()
+        assert not any(p.requires_grad and "svdiff" in n for n, p in merged.named_parameters())
+        with torch.no_grad():
+            torch.testing.assert_close(merged(x), adapted(x), atol=1e-4, rtol=1e-4)
