@@ -184,12 +184,10 @@ def now() -> tuple[float, float]:
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
+    from datamodules.base import usable_cores
     from lightning_modules.precision import cpu_has_native_bf16
 
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -46,7 +46,7 @@ class PeakRSS:
         self.method = ""
 
     def start(self) -> None:
-        if _high_water_mark_resettable():  # VmHWM is now the current RSS
+        if _reset_high_water_mark():
             self.method = "VmHWM"
         else:
             self.method = "sampled"
@@ -87,7 +87,8 @@ def measure(config: str, backbone: str = VIT, steps: int = 3) -> dict[str, Any]:
             "method": peak.method}
 
 
-def _high_water_mark_resettable() -> bool:
+def _reset_high_water_mark() -> bool:
+    """Resets this process's VmHWM to its current RSS; False where the kernel does not allow it."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -114,9 +115,10 @@ def peak_mem_ratios(names: tuple[str, ...], steps: int, threads: int, backbone: 
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    from datamodules.base import usable_cores
+
     configs = ("full", *[n for n in names if n != "full"])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = 2 if _high_water_mark_resettable() and cores >= 2 * threads else 1
+    workers = 2 if _reset_high_water_mark() and usable_cores() >= 2 * threads else 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
         done = pool.map(lambda name: in_subprocess(name, backbone, steps, threads), configs)
         raw = dict(zip(configs, done, strict=True))

@@ -28,16 +28,21 @@ SPLITS = ("train", "val", "test")
 TASKS = ("multiclass", "multilabel", "binary")
 
 
+def usable_cores() -> int:
+    """Cores this process may use (``sched_getaffinity`` honours SLURM / taskset), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        return os.cpu_count() or 1
+
+
 def default_num_workers() -> int:
     """Loader workers when ``num_workers`` is None: ``min(4, cores - 1)``, but 0 on <= 2 cores.
 
     Cores are those this process may use (``sched_getaffinity`` honours SLURM / taskset). One
     core is left to the training process; on <= 2 cores workers would only compete with it.
     """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS / Windows
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     return 0 if cores <= 2 else min(4, cores - 1)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from datamodules.base import usable_cores
 from lightning_modules.sweeps.grid import ROOT
 from lightning_modules.sweeps.plan import RunSpec
 from lightning_modules.sweeps.state import DONE, FAILED
@@ -107,8 +108,7 @@ class LocalExecutor:
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
         if self.max_parallel > 1 and "OMP_NUM_THREADS" not in env:  # share the cores, not oversubscribe
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            env["OMP_NUM_THREADS"] = str(max(1, cores // self.max_parallel))
+            env["OMP_NUM_THREADS"] = str(max(1, usable_cores() // self.max_parallel))
         return env
 
     def run(self, todo: Todo, on_start: OnStart, on_done: OnDone) -> None:
