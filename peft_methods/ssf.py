@@ -61,10 +61,31 @@ class _FoldedScaleShiftLinear(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad_y @ (weight * gamma[:, None]).to(grad_y.dtype)).to(ctx.x_dtype)
-        dims = tuple(range(grad_y.ndim - 1))
-        grad_beta = grad_y.sum(dims, dtype=torch.float32)
-        grad_gamma = ((grad_y * y).sum(dims, dtype=torch.float32) - beta.float() * grad_beta) / gamma.float()
+        grad_gamma, grad_beta = _scale_shift_grads(grad_y, y, gamma, beta)
         return grad_x, None, None, grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype)
+
+
+def _scale_shift_grads(
+    grad_y: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 gradients of gamma and beta in y = gamma * z + beta (channels last), from the output y.
+
+    d beta = sum(dy) and d gamma = sum(dy * (y - beta)) / gamma over every dim but the last. On the
+    CPU both come from BatchNorm's backward reduction (batch mean = beta, inverse std = 1 / gamma),
+    which reads dy and y once for both sums: half the time of two separate reductions (measured on
+    ViT-S's activations in fp32). Elsewhere, two reductions.
+    """
+    c = y.shape[-1]
+    grad_2d, y_2d = grad_y.reshape(-1, c), y.reshape(-1, c)
+    if y.device.type == "cpu" and grad_2d.dtype == y_2d.dtype and y.dtype in (torch.float32, torch.bfloat16):
+        _, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
+            grad_2d, y_2d, None, None, None, beta.float(), gamma.float().reciprocal(), True, 0.0,
+            [False, True, True],
+        )
+        return grad_gamma, grad_beta
+    grad_beta = grad_2d.sum(0, dtype=torch.float32)
+    grad_gamma = (grad_2d * y_2d).sum(0, dtype=torch.float32) - beta.float() * grad_beta
+    return grad_gamma / gamma.float(), grad_beta
 
 
 class ScaleShift(nn.Module):

@@ -485,3 +485,23 @@ def test_benchmark_merged_twin_equals_the_trained_unmerged_model(monkeypatch) ->
         assert [n for n, _ in adapted.named_parameters()] != [n for n, _ in plain.named_parameters()], name
         with torch.no_grad():
             torch.testing.assert_close(merged(x), adapted(x), atol=1e-4, rtol=1e-4)
+
+
+def test_ssf_grad_reduction_matches_the_two_separate_sums() -> None:
+    """The fused CPU reduction (BatchNorm's backward) and the generic one give the exact gamma / beta gradients."""
+    from peft_methods.ssf import _scale_shift_grads
+
+    g = torch.Generator().manual_seed(0)
+    grad_y, y = torch.randn(4, 50, 96, generator=g), torch.randn(4, 50, 96, generator=g)
+    signs = torch.where(torch.arange(96) % 2 == 0, 1.0, -1.0)
+    gamma, beta = (torch.rand(96, generator=g) + 0.05) * signs, torch.randn(96, generator=g)
+
+    def exact(dy: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dy, out = dy.double(), out.double()
+        return (dy * (out - beta.double())).sum((0, 1)) / gamma.double(), dy.sum((0, 1))
+
+    for dy, out in ((grad_y, y), (grad_y.double(), y.double()), (grad_y.bfloat16(), y.bfloat16())):
+        got = _scale_shift_grads(dy, out, gamma, beta)  # fp32 / bf16: fused; float64: two sums
+        assert all(t.dtype == torch.float32 for t in got)
+        for have, want in zip(got, exact(dy, out), strict=True):
+            torch.testing.assert_close(have.double(), want, rtol=1e-5, atol=1e-4)
