@@ -14,6 +14,7 @@ import logging
 import os
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -61,14 +62,16 @@ def _inference(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     from benchmarks.steps import QUICK
 
     names = QUICK["vit_small_patch16_224"] if ctx["quick"] else tuple(peft_configs())
-    merged, unmerged, details = infer_ratios(names, rounds=3 if ctx["quick"] else 4, repeats=1 if ctx["quick"] else 2)
+    quick = ctx["quick"]  # quick: unmerged latency of LoRA only (no target; every config in the full run)
+    merged, unmerged, details = infer_ratios(names, rounds=3 if quick else 4, repeats=1 if quick else 2,
+                                             unmerged_names=("lora",) if quick else None)
     return {**_flat("merged_infer_ratio", merged), **_flat("unmerged_infer_ratio", unmerged)}, {"infer": details}
 
 
 def _lightning(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     from benchmarks.lightning_loop import lightning_overhead
 
-    value, details = lightning_overhead("lora", steps=8 if ctx["quick"] else 16)
+    value, details = lightning_overhead("lora", steps=6 if ctx["quick"] else 16)
     return {"lightning_overhead": value}, {"lightning_overhead": details}
 
 
@@ -156,38 +159,62 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {}
     other: dict[str, Any] = {}
     details: dict[str, Any] = {"family_seconds": {}}
+
+    def report() -> dict[str, Any]:
+        return {
+            **results,
+            "machine": machine(),
+            "settings": {"quick": args.quick, "clock": args.clock, "threads": args.threads, "families": families,
+                         "batch": 8, "image_size": 224, "precision": precision(),
+                         "total_seconds": round(time.perf_counter() - started, 1)},
+            "targets": evaluate(results),
+            "other_clock": other,
+            "details": details,
+        }
+
     for name in families:
         t0 = time.perf_counter()
         print(f"[benchmarks] {name} ...", flush=True)
-        values, info = FAMILIES[name](ctx)
+        try:
+            values, info = FAMILIES[name](ctx)
+        except Exception as err:  # noqa: BLE001 - one broken family must not lose the others' hour of work
+            message = f"{type(err).__name__}: {err}"
+            traceback.print_exc()
+            print(f"[benchmarks] {name} failed: {message}", flush=True)
+            details.setdefault("failed_families", {})[name] = message
+            values, info = {}, {}
         main_values, other_values = _split_clock(values, args.clock)
         results.update(main_values)
         other.update(other_values)
         details.update(info)
         details["family_seconds"][name] = round(time.perf_counter() - t0, 1)
-    report = {
-        **results,
-        "machine": machine(),
-        "settings": {"quick": args.quick, "clock": args.clock, "threads": args.threads, "families": families,
-                     "batch": 8, "image_size": 224, "precision": precision(), "total_seconds": round(time.perf_counter() - started, 1)},
-        "targets": evaluate(results),
-        "other_clock": other,
-        "details": details,
-    }
+        if args.json is not None:  # after every family: an interrupted run keeps what it measured
+            _write(args.json, report())
+    final = report()
     print()
     print(table(results, other, args.clock))
     print()
     print(config_table(results))
-    checks = [r for r in report["targets"] if r["pass"] is not None]
+    checks = [r for r in final["targets"] if r["pass"] is not None]
     print(f"\n{sum(r['pass'] for r in checks)}/{len(checks)} targets met; "
-          f"{report['settings']['total_seconds']} s on {report['machine']['cores']} cores "
-          f"({report['machine']['cpu']}), torch threads {args.threads}, {args.clock} clock, "
-          f"{report['settings']['precision']}.")
+          f"{final['settings']['total_seconds']} s on {final['machine']['cores']} cores "
+          f"({final['machine']['cpu']}), torch threads {args.threads}, {args.clock} clock, "
+          f"{final['settings']['precision']}.")
+    failed = details.get("failed_families")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        _write(args.json, final)
         print(f"wrote {args.json}")
-    return report
+    if failed:
+        raise SystemExit(f"benchmark families failed: {', '.join(f'{k} ({v})' for k, v in failed.items())}.")
+    return final
+
+
+def _write(path: Path, report: dict[str, Any]) -> None:
+    """Writes the JSON atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -56,8 +56,11 @@ def merged_twin(name: str) -> nn.Module:
     return module.peft.merge(_trained(module))
 
 
-def infer_ratios(names: tuple[str, ...], rounds: int, repeats: int = 2) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(merged / plain, unmerged / plain, details) for ViT-S configs; merged only for mergeable methods.
+def infer_ratios(
+    names: tuple[str, ...], rounds: int, repeats: int = 2, unmerged_names: tuple[str, ...] | None = None
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(merged / plain, unmerged / plain, details) for ViT-S configs; merged only for mergeable methods,
+    unmerged only for ``unmerged_names`` (None: every config).
 
     Selective methods (BitFit, NormTuning, LinearProbe...) add no modules: their model is plain
     before and after merging and is measured once.
@@ -78,7 +81,8 @@ def infer_ratios(names: tuple[str, ...], rounds: int, repeats: int = 2) -> tuple
             skipped[name] = str(err).split(": ", 1)[-1]
             continue
         adapted = _trained(module)
-        if module.peft.param_prefix:  # a selective method adds nothing: unmerged is already plain
+        wanted = unmerged_names is None or name in unmerged_names
+        if module.peft.param_prefix and wanted:  # a selective method adds nothing: unmerged is already plain
             cases[f"unmerged.{name}"] = Forward(adapted, x)
         if module.peft.mergeable:
             cases[f"merged.{name}"] = Forward(merged_twin(name), x)

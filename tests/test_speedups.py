@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -505,3 +506,29 @@ def test_ssf_grad_reduction_matches_the_two_separate_sums() -> None:
         assert all(t.dtype == torch.float32 for t in got)
         for have, want in zip(got, exact(dy, out), strict=True):
             torch.testing.assert_close(have.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_a_failing_benchmark_family_keeps_the_others_results(tmp_path: Path, monkeypatch, capsys) -> None:
+    """One family raising: the others still run and land in the JSON, the failure is named, exit non-zero."""
+    import benchmarks.__main__ as bench
+
+    def broken(_ctx: dict) -> tuple[dict, dict]:
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(bench.FAMILIES, "broken", broken)
+    monkeypatch.setitem(bench.FAMILIES, "fine", lambda _ctx: ({"cached_epoch_ratio": {"wall": 0.1, "cpu": 0.12}}, {}))
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()  # main() sets process-wide state: restored for the other tests
+    loggers = {n: logging.getLogger(n).level for n in ("lightning", "lightning.pytorch", "lightning.fabric", "medpeft")}
+    try:
+        with pytest.raises(SystemExit, match=r"benchmark families failed: broken \(RuntimeError: boom\)"):
+            bench.main(["--only", "broken", "fine", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+        for name, level in loggers.items():
+            logging.getLogger(name).setLevel(level)
+    saved = json.loads(out.read_text())
+    assert saved["cached_epoch_ratio"] == 0.12 and saved["other_clock"]["cached_epoch_ratio"] == 0.1
+    assert saved["details"]["failed_families"] == {"broken": "RuntimeError: boom"}
+    assert [r["pass"] for r in saved["targets"]] == [True]
+    assert "broken failed: RuntimeError: boom" in capsys.readouterr().out
