@@ -72,6 +72,7 @@ def infer_ratios(
     plain.load_state_dict(plain_module.model.state_dict())
     cases: dict[str, Forward] = {"plain": Forward(plain, x)}
     skipped: dict[str, str] = {}
+    selective: set[str] = set()  # methods that add nothing: the unmerged model is already plain
     for name in names:
         if name == "full":
             continue
@@ -80,10 +81,10 @@ def infer_ratios(
         except ValueError as err:
             skipped[name] = str(err).split(": ", 1)[-1]
             continue
-        adapted = _trained(module)
-        wanted = unmerged_names is None or name in unmerged_names
-        if module.peft.param_prefix and wanted:  # a selective method adds nothing: unmerged is already plain
-            cases[f"unmerged.{name}"] = Forward(adapted, x)
+        if not module.peft.param_prefix:
+            selective.add(name)
+        elif unmerged_names is None or name in unmerged_names:
+            cases[f"unmerged.{name}"] = Forward(_trained(module), x)
         if module.peft.mergeable:
             cases[f"merged.{name}"] = Forward(merged_twin(name), x)
     plain_forward = cases.pop("plain")
@@ -93,7 +94,7 @@ def infer_ratios(
     for case, value in results.items():
         kind, _, name = case.partition(".")
         (merged if kind == "merged" else unmerged)[name] = value
-    for name in merged:  # selective methods: the unmerged model is the merged one
-        unmerged.setdefault(name, merged[name])
+    for name in selective & set(merged):  # measured once: the unmerged model is the merged one
+        unmerged[name] = merged[name]
     plain_seconds = seconds(interleaved({"plain": plain_forward}, rounds=3))["plain"]
     return merged, unmerged, {"plain_seconds_per_batch": plain_seconds, "skipped": skipped}

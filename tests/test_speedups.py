@@ -489,7 +489,8 @@ def test_benchmark_merged_twin_equals_the_trained_unmerged_model(monkeypatch) ->
 
 
 def test_ssf_grad_reduction_matches_the_two_separate_sums() -> None:
-    """The fused CPU reduction (BatchNorm's backward) and the generic one give the exact gamma / beta gradients."""
+    """The fused CPU reduction (BatchNorm's backward) and the generic one give the gamma / beta gradients
+    of float64 sums to fp32 accuracy, also for a non-contiguous (expanded) bf16 gradient."""
     from peft_methods.ssf import _scale_shift_grads
 
     g = torch.Generator().manual_seed(0)
@@ -501,7 +502,9 @@ def test_ssf_grad_reduction_matches_the_two_separate_sums() -> None:
         dy, out = dy.double(), out.double()
         return (dy * (out - beta.double())).sum((0, 1)) / gamma.double(), dy.sum((0, 1))
 
-    for dy, out in ((grad_y, y), (grad_y.double(), y.double()), (grad_y.bfloat16(), y.bfloat16())):
+    expanded = grad_y[:1, :1].bfloat16().expand(4, 50, 96)  # stride 0, as from y.sum().backward()
+    cases = ((grad_y, y), (grad_y.double(), y.double()), (grad_y.bfloat16(), y.bfloat16()), (expanded, y.bfloat16()))
+    for dy, out in cases:
         got = _scale_shift_grads(dy, out, gamma, beta)  # fp32 / bf16: fused; float64: two sums
         assert all(t.dtype == torch.float32 for t in got)
         for have, want in zip(got, exact(dy, out), strict=True):
@@ -529,6 +532,32 @@ def test_a_failing_benchmark_family_keeps_the_others_results(tmp_path: Path, mon
             logging.getLogger(name).setLevel(level)
     saved = json.loads(out.read_text())
     assert saved["cached_epoch_ratio"] == 0.12 and saved["other_clock"]["cached_epoch_ratio"] == 0.1
-    assert saved["details"]["failed_families"] == {"broken": "RuntimeError: boom"}
+    assert saved["details"]["failed_families"] == saved["failed_families"] == {"broken": "RuntimeError: boom"}
+    assert saved["complete"] is False and saved["families_done"] == ["broken", "fine"]
     assert [r["pass"] for r in saved["targets"]] == [True]
     assert "broken failed: RuntimeError: boom" in capsys.readouterr().out
+    from benchmarks.report import main as report_main
+
+    report_main([str(out)])
+    printed = capsys.readouterr().out
+    assert "| cached_epoch_ratio | 0.12 | 0.1 | <= 0.2 | PASS |" in printed and "| complete |" not in printed
+    assert printed.rstrip().endswith("incomplete run: families done ['broken', 'fine'], failed ['broken'].")
+
+
+def test_inference_benchmark_reports_unmerged_latency_only_where_measured(monkeypatch) -> None:
+    """Quick mode measures unmerged latency for LoRA only: SSF gets no unmerged value (not its merged one);
+    a selective method (BitFit) is plain either way and gets its one measurement for both."""
+    import benchmarks.inference as inference
+
+    measured: list[str] = []
+
+    def fake_adjacent(cases: dict, ref, rounds: int, repeats: int) -> dict:
+        measured.extend(cases)
+        return {name: {"wall": 1.0 + i / 100, "cpu": 1.0 + i / 100} for i, name in enumerate(cases)}
+
+    monkeypatch.setattr(inference, "adjacent_ratios", fake_adjacent)
+    monkeypatch.setattr(inference, "interleaved", lambda cases, rounds: {n: Timings([1.0], [1.0]) for n in cases})
+    merged, unmerged, _ = inference.infer_ratios(("lora", "ssf", "bitfit"), rounds=1, unmerged_names=("lora",))
+    assert measured == ["unmerged.lora", "merged.lora", "merged.ssf", "merged.bitfit"]
+    assert set(merged) == {"lora", "ssf", "bitfit"} and set(unmerged) == {"lora", "bitfit"}
+    assert unmerged["bitfit"] == merged["bitfit"] and unmerged["lora"] != merged["lora"]
