@@ -160,9 +160,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     other: dict[str, Any] = {}
     details: dict[str, Any] = {"family_seconds": {}}
 
+    done: list[str] = []
+
     def report() -> dict[str, Any]:
+        failed = details.get("failed_families", {})
         return {
             **results,
+            # An interrupted or partly failed run says so: its targets cover only the families that ran.
+            "complete": len(done) == len(families) and not failed,
+            "families_done": list(done),
+            "failed_families": dict(failed),
             "machine": machine(),
             "settings": {"quick": args.quick, "clock": args.clock, "threads": args.threads, "families": families,
                          "batch": 8, "image_size": 224, "precision": precision(),
@@ -188,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         other.update(other_values)
         details.update(info)
         details["family_seconds"][name] = round(time.perf_counter() - t0, 1)
+        done.append(name)
         if args.json is not None:  # after every family: an interrupted run keeps what it measured
             _write(args.json, report())
     final = report()
@@ -196,7 +204,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     print(config_table(results))
     checks = [r for r in final["targets"] if r["pass"] is not None]
-    print(f"\n{sum(r['pass'] for r in checks)}/{len(checks)} targets met; "
+    partial = "" if final["complete"] else f" (of the families that ran: {', '.join(f for f in done if f not in final['failed_families'])})"
+    print(f"\n{sum(r['pass'] for r in checks)}/{len(checks)} targets met{partial}; "
           f"{final['settings']['total_seconds']} s on {final['machine']['cores']} cores "
           f"({final['machine']['cpu']}), torch threads {args.threads}, {args.clock} clock, "
           f"{final['settings']['precision']}.")
@@ -213,7 +222,7 @@ def _write(path: Path, report: dict[str, Any]) -> None:
     """Writes the JSON atomically (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
     os.replace(tmp, path)
 
 

@@ -137,11 +137,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("json", type=Path, help="a file written by python -m benchmarks --json")
     args = parser.parse_args(argv)
     report = json.loads(args.json.read_text())
-    results = {k: v for k, v in report.items() if k not in ("machine", "settings", "targets", "other_clock", "details")}
+    meta = ("machine", "settings", "targets", "other_clock", "details", "complete", "families_done", "failed_families")
+    results = {k: v for k, v in report.items() if k not in meta}
     clock = report.get("settings", {}).get("clock", "cpu")
     print(table(results, report.get("other_clock", {}), clock))
     print()
     print(config_table(results))
+    if report.get("complete") is False:
+        failed = report.get("failed_families") or {}
+        print(f"\nincomplete run: families done {report.get('families_done')}"
+              + (f", failed {sorted(failed)}" if failed else "") + ".")
 
 
 if __name__ == "__main__":
