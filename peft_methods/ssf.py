@@ -78,9 +78,10 @@ def _scale_shift_grads(
     c = y.shape[-1]
     grad_2d, y_2d = grad_y.reshape(-1, c), y.reshape(-1, c)
     if y.device.type == "cpu" and grad_2d.dtype == y_2d.dtype and y.dtype in (torch.float32, torch.bfloat16):
+        # Contiguous: the kernel's strided fallback is serial and sums a bf16 d beta in bf16.
         _, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
-            grad_2d, y_2d, None, None, None, beta.float(), gamma.float().reciprocal(), True, 0.0,
-            [False, True, True],
+            grad_2d.contiguous(), y_2d.contiguous(), None, None, None, beta.float(), gamma.float().reciprocal(),
+            True, 0.0, [False, True, True],
         )
         return grad_gamma, grad_beta
     grad_beta = grad_2d.sum(0, dtype=torch.float32)
