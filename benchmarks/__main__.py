@@ -78,7 +78,7 @@ def _lightning(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 def _peft_lib(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     from benchmarks.steps import peft_lib_ratio
 
-    value, details = peft_lib_ratio(rounds=3 if ctx["quick"] else 5)
+    value, details = peft_lib_ratio(rounds=3 if ctx["quick"] else 5, compare_qv=not ctx["quick"])
     return {"peft_lib_ratio": value}, {"peft_lib_ratio": details}
 
 
