@@ -65,7 +65,9 @@ def _inference(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     quick = ctx["quick"]  # quick: unmerged latency of LoRA only (no target; every config in the full run)
     merged, unmerged, details = infer_ratios(names, rounds=3 if quick else 4, repeats=1 if quick else 2,
                                              unmerged_names=("lora",) if quick else None)
-    return {**_flat("merged_infer_ratio", merged), **_flat("unmerged_infer_ratio", unmerged)}, {"infer": details}
+    control = details.pop("control")  # two identical plain models: what a ratio of exactly 1 measures as
+    return ({**_flat("merged_infer_ratio", merged), **_flat("unmerged_infer_ratio", unmerged),
+             "infer_control_ratio": control}, {"infer": details})
 
 
 def _lightning(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -60,7 +60,8 @@ def infer_ratios(
     names: tuple[str, ...], rounds: int, repeats: int = 2, unmerged_names: tuple[str, ...] | None = None
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(merged / plain, unmerged / plain, details) for ViT-S configs; merged only for mergeable methods,
-    unmerged only for ``unmerged_names`` (None: every config).
+    unmerged only for ``unmerged_names`` (None: every config). ``details["control"]``: a second plain
+    model with the same weights / the plain model, measured alongside (the run's noise on a ratio of 1).
 
     Selective methods (BitFit, NormTuning, LinearProbe...) add no modules: their model is plain
     before and after merging and is measured once.
@@ -70,7 +71,11 @@ def infer_ratios(
     x = plain_module.preprocess(images)
     plain = create_backbone(VIT, NUM_CLASSES, pretrained=False, img_size=plain_module.hparams.image_size)
     plain.load_state_dict(plain_module.model.state_dict())
-    cases: dict[str, Forward] = {"plain": Forward(plain, x)}
+    # The null control: a second plain model with the same weights. Its ratio is what this run's
+    # measurement gives for two identical models, the yardstick for every merged ratio.
+    twin = create_backbone(VIT, NUM_CLASSES, pretrained=False, img_size=plain_module.hparams.image_size)
+    twin.load_state_dict(plain_module.model.state_dict())
+    cases: dict[str, Forward] = {"plain": Forward(plain, x), "control.plain_twin": Forward(twin, x)}
     skipped: dict[str, str] = {}
     selective: set[str] = set()  # methods that add nothing: the unmerged model is already plain
     for name in names:
@@ -89,6 +94,7 @@ def infer_ratios(
             cases[f"merged.{name}"] = Forward(merged_twin(name), x)
     plain_forward = cases.pop("plain")
     results = adjacent_ratios(cases, plain_forward, rounds=rounds, repeats=repeats)
+    control = results.pop("control.plain_twin")
     merged: dict[str, dict[str, float]] = {}
     unmerged: dict[str, dict[str, float]] = {}
     for case, value in results.items():
@@ -97,4 +103,4 @@ def infer_ratios(
     for name in selective & set(merged):  # measured once: the unmerged model is the merged one
         unmerged[name] = merged[name]
     plain_seconds = seconds(interleaved({"plain": plain_forward}, rounds=3))["plain"]
-    return merged, unmerged, {"plain_seconds_per_batch": plain_seconds, "skipped": skipped}
+    return merged, unmerged, {"plain_seconds_per_batch": plain_seconds, "skipped": skipped, "control": control}

@@ -54,7 +54,10 @@ LIMITS: dict[str, str] = {
     "peak_mem_ratio.ssf": "the SSF after the patch embedding, attn.proj and mlp.fc2 keeps an activation "
                           "that no later op saves",
     "peak_mem_ratio.*": "activations for the input gradients dominate training memory at batch 8",
-    "merged_infer_ratio.*": "a merged model is the plain architecture: a deviation is timing noise",
+    "merged_infer_ratio.*": (
+        "a merged model is the plain architecture: a deviation is timing noise (infer_control_ratio, two "
+        "identical plain models measured the same way, shows this run's noise)"
+    ),
 }
 
 

@@ -557,7 +557,8 @@ def test_inference_benchmark_reports_unmerged_latency_only_where_measured(monkey
 
     monkeypatch.setattr(inference, "adjacent_ratios", fake_adjacent)
     monkeypatch.setattr(inference, "interleaved", lambda cases, rounds: {n: Timings([1.0], [1.0]) for n in cases})
-    merged, unmerged, _ = inference.infer_ratios(("lora", "ssf", "bitfit"), rounds=1, unmerged_names=("lora",))
-    assert measured == ["unmerged.lora", "merged.lora", "merged.ssf", "merged.bitfit"]
+    merged, unmerged, details = inference.infer_ratios(("lora", "ssf", "bitfit"), rounds=1, unmerged_names=("lora",))
+    assert measured == ["control.plain_twin", "unmerged.lora", "merged.lora", "merged.ssf", "merged.bitfit"]
     assert set(merged) == {"lora", "ssf", "bitfit"} and set(unmerged) == {"lora", "bitfit"}
+    assert details["control"] == {"wall": 1.0, "cpu": 1.0}
     assert unmerged["bitfit"] == merged["bitfit"] and unmerged["lora"] != merged["lora"]
