@@ -69,13 +69,15 @@ def infer_ratios(
     images, _ = batch(size=BATCH)
     plain_module = classifier(VIT, method("full"))
     x = plain_module.preprocess(images)
-    plain = create_backbone(VIT, NUM_CLASSES, pretrained=False, img_size=plain_module.hparams.image_size)
-    plain.load_state_dict(plain_module.model.state_dict())
+
+    def plain() -> nn.Module:
+        model = create_backbone(VIT, NUM_CLASSES, pretrained=False, img_size=plain_module.hparams.image_size)
+        model.load_state_dict(plain_module.model.state_dict())
+        return model
+
     # The null control: a second plain model with the same weights. Its ratio is what this run's
     # measurement gives for two identical models, the yardstick for every merged ratio.
-    twin = create_backbone(VIT, NUM_CLASSES, pretrained=False, img_size=plain_module.hparams.image_size)
-    twin.load_state_dict(plain_module.model.state_dict())
-    cases: dict[str, Forward] = {"plain": Forward(plain, x), "control.plain_twin": Forward(twin, x)}
+    cases: dict[str, Forward] = {"plain": Forward(plain(), x), "control.plain_twin": Forward(plain(), x)}
     skipped: dict[str, str] = {}
     selective: set[str] = set()  # methods that add nothing: the unmerged model is already plain
     for name in names:
