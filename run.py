@@ -225,7 +225,9 @@ def parse_error_message(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: our user-facing errors end the output as one line, exit code 1."""
     from lightning_modules.resume import Preempted
+    from lightning_modules.speedups import keep_freed_memory
 
+    keep_freed_memory()  # before the first step: freed activations stay in the process
     try:
         cli_main(argv)
     except Preempted as stop:  # a clean stop with a checkpoint: say where, after everything else

@@ -144,8 +144,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from benchmarks.harness import PRECISION_ENV, machine, precision
     from benchmarks.report import config_table, evaluate, table
+    from lightning_modules.speedups import keep_freed_memory
 
     torch.set_num_threads(args.threads)
+    allocator = keep_freed_memory()  # as run.py does
     if args.precision != "auto":
         os.environ[PRECISION_ENV] = args.precision  # inherited by the memory subprocesses
     warnings.filterwarnings("ignore")
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "machine": machine(),
             "settings": {"quick": args.quick, "clock": args.clock, "threads": args.threads, "families": families,
                          "batch": 8, "image_size": 224, "precision": precision(),
+                         "cpu_allocator": allocator,
                          "total_seconds": round(time.perf_counter() - started, 1)},
             "targets": evaluate(results),
             "other_clock": other,

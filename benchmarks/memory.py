@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from benchmarks.harness import ROOT, VIT, ClassifierStep, batch, classifier, method
+from lightning_modules.speedups import keep_freed_memory
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as run.py does
     print(json.dumps(measure(args.config, args.backbone, args.steps)))
 
 

@@ -13,10 +13,18 @@ Each choice gives the same results as the default path up to float rounding (tes
   fine-tuning, 26% for SSF), so it is kept there.
 - channels_last: oneDNN convolutions run ~25% faster on NHWC tensors (ResNet-50, bf16, CPU).
 - fused AdamW: one kernel over all tensors of a parameter group instead of a Python loop over them.
+- CPU allocator (``keep_freed_memory``): glibc malloc hands freed activations back to the kernel and
+  takes fresh zeroed pages on the next step. A ViT-S fp32 training step at batch 8 paid up to 110k
+  minor page faults for that, a count that varied from step to step and process to process, at
+  2.5-4 us each (measured on a 2-core AVX2 VM: up to 0.4 s of a 3.4 s step). Kept, it is 0-2k.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
+import platform
+import sys
 from collections.abc import Iterable
 
 import torch
@@ -77,3 +85,37 @@ def can_fuse_adamw(params: Iterable[torch.Tensor]) -> bool:
     """Whether ``torch.optim.AdamW(fused=True)`` supports these tensors (float, on CPU or CUDA)."""
     params = list(params)
     return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+#: Largest block served from the heap (above: its own mmap): glibc's maximum on 64-bit, 32 MiB.
+#: Free heap memory is given back to the kernel only above 2 GiB (mallopt takes an int), and the heap
+#: grows 64 MiB at a time.
+ALLOCATOR_SETTINGS = {_M_MMAP_THRESHOLD: 32 * 2**20, _M_TRIM_THRESHOLD: 2**31 - 1, _M_TOP_PAD: 64 * 2**20}
+#: Environment that means the allocator was chosen by the user: it is left alone.
+_USER_ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
+
+
+def keep_freed_memory() -> str:
+    """Makes glibc malloc keep freed memory for the next training step instead of returning it to the kernel.
+
+    Process-wide and irreversible (DataLoader workers forked later inherit it). Nothing changes on
+    other C libraries, under an allocator preloaded with ``LD_PRELOAD`` (jemalloc, tcmalloc, mimalloc),
+    or when the environment sets glibc's malloc options (``MALLOC_TRIM_THRESHOLD_``, ``GLIBC_TUNABLES``
+    with ``glibc.malloc``...): set one of those to keep glibc's defaults. Returns what was done.
+    """
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return "kept: not glibc"
+    if "malloc" in os.environ.get("LD_PRELOAD", "").lower():
+        return "kept: an allocator is preloaded (LD_PRELOAD)"
+    if any(name in os.environ for name in _USER_ALLOCATOR_ENV) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return "kept: glibc malloc options set in the environment"
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return "kept: mallopt not found"
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    if not all(mallopt(param, value) == 1 for param, value in ALLOCATOR_SETTINGS.items()):
+        return "partly set: glibc refused a mallopt value"
+    return "glibc malloc keeps freed memory (mmap threshold 32 MiB, trim threshold 2 GiB)"
