@@ -289,6 +289,23 @@ def test_interleaving_rotates_cases_and_ratios_pair_rounds() -> None:
     assert all(t < 0.05 for t in kept["a"].wall), "a round keeps its fastest repeat (the median would sleep)"
 
 
+def test_the_reference_runs_twice_per_round_half_a_round_apart_and_keeps_its_faster_run() -> None:
+    calls: list[str] = []
+    slow = iter([0.06, 0.0, 0.0, 0.06])  # the reference's runs: slow first in round 1, slow second in round 2
+
+    def ref() -> None:
+        calls.append("r")
+        time.sleep(next(slow))
+
+    cases = {"r": ref, **{c: (lambda c=c: calls.append(c)) for c in "abc"}}
+    times = interleaved(cases, rounds=2, warmup=0, twice=("r",))
+    assert "".join(calls) == "rarbc" + "arbcr"
+    assert [len(t.wall) for t in times.values()] == [2, 2, 2, 2]
+    assert all(t < 0.05 for t in times["r"].wall), "each round keeps the reference's faster run"
+    with pytest.raises(ValueError, match="no case named"):
+        interleaved(cases, rounds=1, twice=("full",))
+
+
 def test_adjacent_ratios_alternate_the_order_with_one_repeat() -> None:
     calls: list[str] = []
     adjacent_ratios({"x": lambda: calls.append("x")}, lambda: calls.append("ref"), rounds=4, repeats=1, warmup=0)
