@@ -25,7 +25,7 @@ import ctypes
 import os
 import platform
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -93,29 +93,44 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 #: Free heap memory is given back to the kernel only above 2 GiB (mallopt takes an int), and the heap
 #: grows 64 MiB at a time.
 ALLOCATOR_SETTINGS = {_M_MMAP_THRESHOLD: 32 * 2**20, _M_TRIM_THRESHOLD: 2**31 - 1, _M_TOP_PAD: 64 * 2**20}
-#: Environment that means the allocator was chosen by the user: it is left alone.
-_USER_ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
+#: ``MEDPEFT_CPU_ALLOCATOR=default`` keeps glibc's own behaviour.
+ALLOCATOR_ENV = "MEDPEFT_CPU_ALLOCATOR"
+
+
+def _interposed_malloc() -> bool:
+    """Whether the process's ``malloc`` is not glibc's (jemalloc, tcmalloc... preloaded or linked in)."""
+    address = lambda lib: ctypes.cast(lib.malloc, ctypes.c_void_p).value  # noqa: E731
+    return address(ctypes.CDLL(None)) != address(ctypes.CDLL("libc.so.6"))
+
+
+def _glibc_mallopt() -> Callable[[int, int], int]:
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return mallopt
 
 
 def keep_freed_memory() -> str:
     """Makes glibc malloc keep freed memory for the next training step instead of returning it to the kernel.
 
-    Process-wide and irreversible (DataLoader workers forked later inherit it). Nothing changes on
-    other C libraries, under an allocator preloaded with ``LD_PRELOAD`` (jemalloc, tcmalloc, mimalloc),
-    or when the environment sets glibc's malloc options (``MALLOC_TRIM_THRESHOLD_``, ``GLIBC_TUNABLES``
-    with ``glibc.malloc``...): set one of those to keep glibc's defaults. Returns what was done.
+    Blocks up to 32 MiB come from the heap, and the heap is not trimmed below 2 GiB of free memory.
+    Process-wide and irreversible (DataLoader workers forked later inherit it). Left unchanged with
+    ``MEDPEFT_CPU_ALLOCATOR=default``, on other C libraries, under another allocator (jemalloc,
+    tcmalloc... preloaded or linked in), and when the environment sets glibc malloc options
+    (``MALLOC_*``, ``GLIBC_TUNABLES`` with ``glibc.malloc``). Returns what was done.
     """
+    if os.environ.get(ALLOCATOR_ENV, "").lower() == "default":
+        return f"unchanged: {ALLOCATOR_ENV}=default"
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return "kept: not glibc"
-    if "malloc" in os.environ.get("LD_PRELOAD", "").lower():
-        return "kept: an allocator is preloaded (LD_PRELOAD)"
-    if any(name in os.environ for name in _USER_ALLOCATOR_ENV) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
-        return "kept: glibc malloc options set in the environment"
+        return "unchanged: not glibc"
+    if any(name.startswith("MALLOC_") for name in os.environ) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return "unchanged: glibc malloc options set in the environment"
     try:
-        mallopt = ctypes.CDLL(None).mallopt
+        if _interposed_malloc():
+            return "unchanged: another allocator replaces glibc's malloc"
+        mallopt = _glibc_mallopt()
     except (OSError, AttributeError):
-        return "kept: mallopt not found"
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    if not all(mallopt(param, value) == 1 for param, value in ALLOCATOR_SETTINGS.items()):
-        return "partly set: glibc refused a mallopt value"
-    return "glibc malloc keeps freed memory (mmap threshold 32 MiB, trim threshold 2 GiB)"
+        return "unchanged: glibc's malloc / mallopt not found"
+    refused = [param for param, value in ALLOCATOR_SETTINGS.items() if mallopt(param, value) != 1]
+    if refused:
+        return f"partly set: glibc refused mallopt parameters {refused}"
+    return "glibc malloc keeps freed memory (heap blocks up to 32 MiB, trimmed above 2 GiB free)"

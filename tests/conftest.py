@@ -7,6 +7,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hub look-ups fail fast instead of retrying for ~45 s
 os.environ.setdefault("MPLBACKEND", "Agg")
+# run.main() in-process must not retune this process's allocator (tests/test_speedups.py tests it in subprocesses)
+os.environ.setdefault("MEDPEFT_CPU_ALLOCATOR", "default")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -299,11 +299,27 @@ def test_the_reference_runs_twice_per_round_half_a_round_apart_and_keeps_its_fas
 
     cases = {"r": ref, **{c: (lambda c=c: calls.append(c)) for c in "abc"}}
     times = interleaved(cases, rounds=2, warmup=0, twice=("r",))
-    assert "".join(calls) == "rarbc" + "arbcr"
+    assert "".join(calls) == "rabrc" + "arbcr"  # the second slot two cases on, or two back
     assert [len(t.wall) for t in times.values()] == [2, 2, 2, 2]
     assert all(t < 0.05 for t in times["r"].wall), "each round keeps the reference's faster run"
     with pytest.raises(ValueError, match="no case named"):
         interleaved(cases, rounds=1, twice=("full",))
+
+
+@pytest.mark.parametrize("n_cases", [2, 3, 4, 10])
+@pytest.mark.parametrize("twice", [("c0",), ("c0", "c1")])
+def test_twice_run_cases_are_half_a_round_apart_in_every_round(n_cases: int, twice: tuple[str, ...]) -> None:
+    calls: list[str] = []
+    names = [f"c{i}" for i in range(n_cases)]
+    interleaved({n: (lambda n=n: calls.append(n)) for n in names}, rounds=n_cases, warmup=0, twice=twice)
+    per_round = n_cases + len(twice)
+    for r in range(n_cases):
+        round_calls = calls[r * per_round:(r + 1) * per_round]
+        assert sorted(round_calls) == sorted(names + list(twice))  # the others once, the references twice
+        for name in twice:
+            first, second = (i for i, c in enumerate(round_calls) if c == name)
+            gap = second - first - 1  # cases run between the two
+            assert gap >= n_cases // 2, (round_calls, name)
 
 
 def test_adjacent_ratios_alternate_the_order_with_one_repeat() -> None:
@@ -586,15 +602,29 @@ def test_inference_benchmark_reports_unmerged_latency_only_where_measured(monkey
     assert unmerged["bitfit"] == merged["bitfit"] and unmerged["lora"] != merged["lora"]
 
 
-#: Calls keep_freed_memory, allocates and frees 48 float32 tensors of 1-8 MiB five times (the pattern
-#: of a training step's activations) and prints the minor page faults of the last two rounds.
+#: Calls keep_freed_memory; checks where a 16 MiB block comes from (mallinfo2: heap, or a block of its
+#: own mmap) and whether freeing it keeps the memory; then allocates and frees 48 float32 tensors of
+#: 1-8 MiB five times (the pattern of a training step's activations), counting the minor page faults
+#: of the last two rounds.
 _ALLOCATION_ROUNDS = """
-import importlib.util, resource, sys, torch
+import ctypes, importlib.util, json, resource, sys, torch
 # the module file alone: the package would import timm and lightning
 spec = importlib.util.spec_from_file_location("speedups", "lightning_modules/speedups.py")
 speedups = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(speedups)
-print(speedups.keep_freed_memory(), file=sys.stderr)
+said = speedups.keep_freed_memory()
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+mallinfo2.restype = MallInfo2
+mmapped_before = mallinfo2().hblks  # blocks mapped during the imports
+block = torch.empty(4 * 2**20)
+mmapped = mallinfo2().hblks - mmapped_before
+del block
+free_after = mallinfo2().fordblks
 sizes = [(i % 8 + 1) * 2**18 for i in range(48)]
 for round_ in range(5):
     if round_ == 3:
@@ -602,39 +632,74 @@ for round_ in range(5):
     tensors = [torch.ones(n) for n in sizes]
     total = sum(float(t[-1]) for t in tensors)
     del tensors
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, total)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps(dict(said=said, mmapped=mmapped, free_after=free_after, faults=faults, total=total)))
 """
 
+_GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+
+@pytest.mark.skipif(not _GLIBC, reason="glibc only")
 def test_kept_freed_memory_is_reused_without_page_faults() -> None:
-    """Kept, freed blocks are reused; an allocator told to return them faults every page in again.
+    """Kept, blocks come from the heap and freed ones are reused; returned to the kernel, every page faults again.
 
     glibc's own default lies in between and varies from process to process (whether a small block
-    pins the top of the heap): 1k-110k faults for this pattern, 25k-140k per ViT-S training step.
+    pins the top of the heap): 1k-110k faults for this pattern, up to 110k per ViT-S training step.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", "GLIBC_TUNABLES", "MEDPEFT_CPU_ALLOCATOR")}
 
-    def faults(**extra: str) -> tuple[int, str]:
+    def run(**extra: str) -> dict:
         done = subprocess.run([sys.executable, "-c", _ALLOCATION_ROUNDS], cwd=Path(__file__).resolve().parents[1],
                               env={**env, **extra}, capture_output=True, text=True, timeout=120, check=True)
-        count, total = done.stdout.split()
-        assert float(total) == 48  # the same values either way
-        return int(count), done.stderr.strip().splitlines()[-1]
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        assert out["total"] == 48  # the same values either way
+        return out
 
     pages = 2 * sum((i % 8 + 1) * 2**20 for i in range(48)) // 4096  # of the two measured rounds
-    kept, said = faults()
-    assert said.startswith("glibc malloc keeps") and kept < pages // 100
-    returned, said = faults(MALLOC_MMAP_THRESHOLD_="131072")  # the user's choice: every block its own mmap
-    assert said.startswith("kept: glibc malloc options") and returned >= pages
+    kept = run()
+    assert kept["said"].startswith("glibc malloc keeps")
+    assert kept["mmapped"] == 0 and kept["free_after"] >= 16 * 2**20  # from the heap, and kept once freed
+    assert kept["faults"] < pages // 100
+    # The user's choice (every block over 128 KiB its own mmap) is left alone, and it faults every page.
+    returned = run(MALLOC_MMAP_THRESHOLD_="131072")
+    assert returned["said"] == "unchanged: glibc malloc options set in the environment"
+    assert returned["mmapped"] >= 1 and returned["faults"] > max(20 * kept["faults"], pages // 2)
 
 
-def test_allocator_is_left_alone_when_the_user_chose_one(monkeypatch) -> None:
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
-    assert keep_freed_memory().startswith("kept")
-    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
-    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
-    assert keep_freed_memory().startswith("kept")
-    monkeypatch.delenv("LD_PRELOAD")
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
-    assert keep_freed_memory().startswith("kept")
+@pytest.mark.skipif(not _GLIBC, reason="glibc only")
+def test_allocator_settings_and_when_they_are_left_alone(monkeypatch) -> None:
+    from lightning_modules import speedups
+
+    if "LD_PRELOAD" not in os.environ:
+        assert speedups._interposed_malloc() is False  # this process runs glibc's own malloc
+    for name in [k for k in os.environ if k.startswith("MALLOC_")] + ["LD_PRELOAD", "GLIBC_TUNABLES", "MEDPEFT_CPU_ALLOCATOR"]:
+        monkeypatch.delenv(name, raising=False)
+    calls: list[tuple[int, int]] = []
+    refuse: set[int] = set()
+
+    def mallopt(param: int, value: int) -> int:
+        calls.append((param, value))
+        return 0 if param in refuse else 1
+
+    monkeypatch.setattr(speedups, "_glibc_mallopt", lambda: mallopt)
+    monkeypatch.setattr(speedups, "_interposed_malloc", lambda: False)
+    assert keep_freed_memory().startswith("glibc malloc keeps")
+    # M_MMAP_THRESHOLD (-3) 32 MiB, M_TRIM_THRESHOLD (-1) 2 GiB - 1, M_TOP_PAD (-2) 64 MiB
+    assert calls == [(-3, 32 * 2**20), (-1, 2**31 - 1), (-2, 64 * 2**20)]
+    calls.clear()
+    refuse.add(-3)
+    assert keep_freed_memory() == "partly set: glibc refused mallopt parameters [-3]"
+    assert len(calls) == 3, "a refused value does not stop the others"
+    calls.clear()
+    for name, value, reason in (
+        ("MEDPEFT_CPU_ALLOCATOR", "default", "unchanged: MEDPEFT_CPU_ALLOCATOR=default"),
+        ("MALLOC_ARENA_MAX", "2", "unchanged: glibc malloc options set in the environment"),
+        ("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1", "unchanged: glibc malloc options set in the environment"),
+    ):
+        monkeypatch.setenv(name, value)
+        assert keep_freed_memory() == reason
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(speedups, "_interposed_malloc", lambda: True)
+    assert keep_freed_memory() == "unchanged: another allocator replaces glibc's malloc"
+    assert calls == []
