@@ -224,8 +224,8 @@ def parse_error_message(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: our user-facing errors end the output as one line, exit code 1."""
+    from lightning_modules.allocator import keep_freed_memory
     from lightning_modules.resume import Preempted
-    from lightning_modules.speedups import keep_freed_memory
 
     keep_freed_memory()  # before the first step: freed activations stay in the process
     try:

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from benchmarks.harness import PRECISION_ENV, machine, precision
     from benchmarks.report import config_table, evaluate, table
-    from lightning_modules.speedups import keep_freed_memory
+    from lightning_modules.allocator import keep_freed_memory
 
     torch.set_num_threads(args.threads)
     allocator = keep_freed_memory()  # as run.py does

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from benchmarks.harness import ROOT, VIT, ClassifierStep, batch, classifier, method
-from lightning_modules.speedups import keep_freed_memory
+from lightning_modules.allocator import keep_freed_memory
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 

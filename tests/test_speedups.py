@@ -28,11 +28,11 @@ from benchmarks.harness import (
 from benchmarks.report import TARGETS, config_table, evaluate
 from benchmarks.steps import NO_WEIGHT_GRAD
 from lightning_modules import ImageClassifier
+from lightning_modules.allocator import keep_freed_memory
 from lightning_modules.feature_cache import FrozenFeatureCache, image_key
 from lightning_modules.speedups import (
     EXPLICIT_ATTENTION_MAX_TOKENS,
     can_fuse_adamw,
-    keep_freed_memory,
     prefers_fused_attention,
     set_fused_attention,
     uses_fused_attention,
@@ -603,37 +603,46 @@ def test_inference_benchmark_reports_unmerged_latency_only_where_measured(monkey
 
 
 #: Calls keep_freed_memory; checks where a 16 MiB block comes from (mallinfo2: heap, or a block of its
-#: own mmap) and whether freeing it keeps the memory; then allocates and frees 48 float32 tensors of
-#: 1-8 MiB five times (the pattern of a training step's activations), counting the minor page faults
-#: of the last two rounds.
+#: own mmap) and whether freeing it keeps the memory; then allocates (posix_memalign, as torch's CPU
+#: tensors), writes and frees 48 blocks of 1-8 MiB five times (the pattern of a training step's
+#: activations), counting the minor page faults of the last two rounds.
 _ALLOCATION_ROUNDS = """
-import ctypes, importlib.util, json, resource, sys, torch
-# the module file alone: the package would import timm and lightning
-spec = importlib.util.spec_from_file_location("speedups", "lightning_modules/speedups.py")
-speedups = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(speedups)
-said = speedups.keep_freed_memory()
+import ctypes, importlib.util, json, resource
+# the module file alone: the package would import torch, timm and lightning
+spec = importlib.util.spec_from_file_location("allocator", "lightning_modules/allocator.py")
+allocator = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(allocator)
+said = allocator.keep_freed_memory()
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
                 "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-mallinfo2.restype = MallInfo2
-mmapped_before = mallinfo2().hblks  # blocks mapped during the imports
-block = torch.empty(4 * 2**20)
-mmapped = mallinfo2().hblks - mmapped_before
-del block
-free_after = mallinfo2().fordblks
-sizes = [(i % 8 + 1) * 2**18 for i in range(48)]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.posix_memalign.argtypes = (ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t)
+libc.free.argtypes = (ctypes.c_void_p,)
+
+def alloc(size):
+    ptr = ctypes.c_void_p()
+    assert libc.posix_memalign(ctypes.byref(ptr), 64, size) == 0
+    ctypes.memset(ptr, 1, size)
+    return ptr
+
+mmapped_before = libc.mallinfo2().hblks
+block = alloc(16 * 2**20)
+mmapped = libc.mallinfo2().hblks - mmapped_before
+libc.free(block)
+free_after = libc.mallinfo2().fordblks
+sizes = [(i % 8 + 1) * 2**20 for i in range(48)]
 for round_ in range(5):
     if round_ == 3:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    tensors = [torch.ones(n) for n in sizes]
-    total = sum(float(t[-1]) for t in tensors)
-    del tensors
+    blocks = [alloc(n) for n in sizes]
+    for ptr in blocks:
+        libc.free(ptr)
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(json.dumps(dict(said=said, mmapped=mmapped, free_after=free_after, faults=faults, total=total)))
+print(json.dumps(dict(said=said, mmapped=mmapped, free_after=free_after, faults=faults)))
 """
 
 _GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
@@ -652,9 +661,7 @@ def test_kept_freed_memory_is_reused_without_page_faults() -> None:
     def run(**extra: str) -> dict:
         done = subprocess.run([sys.executable, "-c", _ALLOCATION_ROUNDS], cwd=Path(__file__).resolve().parents[1],
                               env={**env, **extra}, capture_output=True, text=True, timeout=120, check=True)
-        out = json.loads(done.stdout.strip().splitlines()[-1])
-        assert out["total"] == 48  # the same values either way
-        return out
+        return json.loads(done.stdout.strip().splitlines()[-1])
 
     pages = 2 * sum((i % 8 + 1) * 2**20 for i in range(48)) // 4096  # of the two measured rounds
     kept = run()
@@ -669,10 +676,10 @@ def test_kept_freed_memory_is_reused_without_page_faults() -> None:
 
 @pytest.mark.skipif(not _GLIBC, reason="glibc only")
 def test_allocator_settings_and_when_they_are_left_alone(monkeypatch) -> None:
-    from lightning_modules import speedups
+    from lightning_modules import allocator
 
     if "LD_PRELOAD" not in os.environ:
-        assert speedups._interposed_malloc() is False  # this process runs glibc's own malloc
+        assert allocator._interposed_malloc() is False  # this process runs glibc's own malloc
     for name in [k for k in os.environ if k.startswith("MALLOC_")] + ["LD_PRELOAD", "GLIBC_TUNABLES", "MEDPEFT_CPU_ALLOCATOR"]:
         monkeypatch.delenv(name, raising=False)
     calls: list[tuple[int, int]] = []
@@ -682,8 +689,8 @@ def test_allocator_settings_and_when_they_are_left_alone(monkeypatch) -> None:
         calls.append((param, value))
         return 0 if param in refuse else 1
 
-    monkeypatch.setattr(speedups, "_glibc_mallopt", lambda: mallopt)
-    monkeypatch.setattr(speedups, "_interposed_malloc", lambda: False)
+    monkeypatch.setattr(allocator, "_glibc_mallopt", lambda: mallopt)
+    monkeypatch.setattr(allocator, "_interposed_malloc", lambda: False)
     assert keep_freed_memory().startswith("glibc malloc keeps")
     # M_MMAP_THRESHOLD (-3) 32 MiB, M_TRIM_THRESHOLD (-1) 2 GiB - 1, M_TOP_PAD (-2) 64 MiB
     assert calls == [(-3, 32 * 2**20), (-1, 2**31 - 1), (-2, 64 * 2**20)]
@@ -700,6 +707,6 @@ def test_allocator_settings_and_when_they_are_left_alone(monkeypatch) -> None:
         monkeypatch.setenv(name, value)
         assert keep_freed_memory() == reason
         monkeypatch.delenv(name)
-    monkeypatch.setattr(speedups, "_interposed_malloc", lambda: True)
+    monkeypatch.setattr(allocator, "_interposed_malloc", lambda: True)
     assert keep_freed_memory() == "unchanged: another allocator replaces glibc's malloc"
     assert calls == []
