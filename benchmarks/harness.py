@@ -5,8 +5,7 @@ them round by round (the starting case rotates), with warm-up runs excluded. A r
 round of the case over the fastest round of the reference: on a shared machine other jobs only ever
 add time (cache, memory-bandwidth and core contention), in bursts that can cover most of a round,
 so the fastest round is the best estimate of a case's own cost (the step ratios also record the
-median over rounds of the same-round ratio: ``details.step_ratio.paired_median_ratio``). The
-reference of the step ratios (full fine-tuning) runs twice per round, half a round apart. Every ratio is measured by two clocks:
+median over rounds of the same-round ratio: ``details.step_ratio.paired_median_ratio``). Every ratio is measured by two clocks:
 wall time, and process CPU time, which excludes the time the scheduler gave to other jobs
 (``--clock`` picks the reported one).
 """
@@ -84,22 +83,13 @@ class Timings:
 
 
 def interleaved(
-    cases: dict[str, Callable[[], Any]], rounds: int, repeats: int = 1, warmup: int = 1,
-    twice: tuple[str, ...] = (),
+    cases: dict[str, Callable[[], Any]], rounds: int, repeats: int = 1, warmup: int = 1
 ) -> dict[str, Timings]:
     """Times every case ``repeats`` times per round (keeping the fastest) for ``rounds`` rounds, cases alternating.
 
-    Cases named in ``twice`` (a reference every ratio divides by) run a second time, half a round
-    (``len(cases) // 2`` other cases) from their first, and the round keeps the faster of the two: a
-    burst of other jobs that covers the reference's only slot would otherwise shift every ratio of
-    the run. Its fastest round is then the fastest of twice as many runs, which, if anything, moves
-    the ratios up (against ``<=`` targets, the safe side).
     Garbage collection is paused while timing so that it does not land on one case by chance.
     """
     names = list(cases)
-    unknown = sorted(set(twice) - set(names))
-    if unknown:
-        raise ValueError(f"interleaved: no case named {unknown} to run twice per round.")
     for name in names:
         for _ in range(warmup):
             cases[name]()
@@ -109,26 +99,15 @@ def interleaved(
     try:
         for r in range(rounds):
             shift = r % len(names)
-            order = names[shift:] + names[:shift]
-            # The second slot: len // 2 cases after the first, or before it when that runs past the end.
-            half = len(names) // 2
-            second = sorted((i + 1 + half if i + 1 + half <= len(names) else i - half, n)
-                            for i, n in enumerate(order) if n in twice)
-            for j, name in reversed(second):
-                order.insert(j, name)
-            best: dict[str, tuple[float, float]] = {}
-            for name in order:
+            for name in names[shift:] + names[:shift]:
                 wall, cpu = [], []
                 for _ in range(repeats):
                     w0, c0 = time.perf_counter(), time.process_time()
                     cases[name]()
                     wall.append(time.perf_counter() - w0)
                     cpu.append(time.process_time() - c0)
-                prev = best.get(name, (float("inf"), float("inf")))
-                best[name] = (min(prev[0], *wall), min(prev[1], *cpu))
-            for name, (wall_s, cpu_s) in best.items():
-                out[name].wall.append(wall_s)
-                out[name].cpu.append(cpu_s)
+                out[name].wall.append(min(wall))
+                out[name].cpu.append(min(cpu))
     finally:
         gc.enable()
     return out

@@ -289,39 +289,6 @@ def test_interleaving_rotates_cases_and_ratios_pair_rounds() -> None:
     assert all(t < 0.05 for t in kept["a"].wall), "a round keeps its fastest repeat (the median would sleep)"
 
 
-def test_the_reference_runs_twice_per_round_half_a_round_apart_and_keeps_its_faster_run() -> None:
-    calls: list[str] = []
-    slow = iter([0.06, 0.0, 0.0, 0.06])  # the reference's runs: slow first in round 1, slow second in round 2
-
-    def ref() -> None:
-        calls.append("r")
-        time.sleep(next(slow))
-
-    cases = {"r": ref, **{c: (lambda c=c: calls.append(c)) for c in "abc"}}
-    times = interleaved(cases, rounds=2, warmup=0, twice=("r",))
-    assert "".join(calls) == "rabrc" + "arbcr"  # the second slot two cases on, or two back
-    assert [len(t.wall) for t in times.values()] == [2, 2, 2, 2]
-    assert all(t < 0.05 for t in times["r"].wall), "each round keeps the reference's faster run"
-    with pytest.raises(ValueError, match="no case named"):
-        interleaved(cases, rounds=1, twice=("full",))
-
-
-@pytest.mark.parametrize("n_cases", [2, 3, 4, 10])
-@pytest.mark.parametrize("twice", [("c0",), ("c0", "c1")])
-def test_twice_run_cases_are_half_a_round_apart_in_every_round(n_cases: int, twice: tuple[str, ...]) -> None:
-    calls: list[str] = []
-    names = [f"c{i}" for i in range(n_cases)]
-    interleaved({n: (lambda n=n: calls.append(n)) for n in names}, rounds=n_cases, warmup=0, twice=twice)
-    per_round = n_cases + len(twice)
-    for r in range(n_cases):
-        round_calls = calls[r * per_round:(r + 1) * per_round]
-        assert sorted(round_calls) == sorted(names + list(twice))  # the others once, the references twice
-        for name in twice:
-            first, second = (i for i, c in enumerate(round_calls) if c == name)
-            gap = second - first - 1  # cases run between the two
-            assert gap >= n_cases // 2, (round_calls, name)
-
-
 def test_adjacent_ratios_alternate_the_order_with_one_repeat() -> None:
     calls: list[str] = []
     adjacent_ratios({"x": lambda: calls.append("x")}, lambda: calls.append("ref"), rounds=4, repeats=1, warmup=0)
