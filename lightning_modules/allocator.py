@@ -25,6 +25,11 @@ ALLOCATOR_SETTINGS = {_M_MMAP_THRESHOLD: 32 * 2**20, _M_TRIM_THRESHOLD: 2**31 - 
 ALLOCATOR_ENV = "MEDPEFT_CPU_ALLOCATOR"
 
 
+def runs_glibc() -> bool:
+    """Whether this process runs on Linux with glibc (the C library whose malloc is tuned here)."""
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
 def _interposed_malloc() -> bool:
     """Whether the process's ``malloc`` is not glibc's (jemalloc, tcmalloc... preloaded or linked in)."""
     address = lambda lib: ctypes.cast(lib.malloc, ctypes.c_void_p).value  # noqa: E731
@@ -48,7 +53,7 @@ def keep_freed_memory() -> str:
     """
     if os.environ.get(ALLOCATOR_ENV, "").lower() == "default":
         return f"unchanged: {ALLOCATOR_ENV}=default"
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    if not runs_glibc():
         return "unchanged: not glibc"
     if any(name.startswith("MALLOC_") for name in os.environ) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return "unchanged: glibc malloc options set in the environment"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from benchmarks.harness import (
 from benchmarks.report import TARGETS, config_table, evaluate
 from benchmarks.steps import NO_WEIGHT_GRAD
 from lightning_modules import ImageClassifier
-from lightning_modules.allocator import keep_freed_memory
+from lightning_modules.allocator import keep_freed_memory, runs_glibc
 from lightning_modules.feature_cache import FrozenFeatureCache, image_key
 from lightning_modules.speedups import (
     EXPLICIT_ATTENTION_MAX_TOKENS,
@@ -612,7 +611,9 @@ faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 print(json.dumps(dict(said=said, mmapped=mmapped, free_after=free_after, faults=faults)))
 """
 
-_GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+_GLIBC = runs_glibc()
+#: The environment through which a user chooses the allocator: cleared so that each test sets its own.
+_ALLOCATOR_CHOICE = ("LD_PRELOAD", "GLIBC_TUNABLES", "MEDPEFT_CPU_ALLOCATOR")
 
 
 @pytest.mark.skipif(not _GLIBC, reason="glibc only")
@@ -622,15 +623,14 @@ def test_kept_freed_memory_is_reused_without_page_faults() -> None:
     glibc's own default lies in between and varies from process to process (whether a small block
     pins the top of the heap): 1k-110k faults for this pattern, up to 110k per ViT-S training step.
     """
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", "GLIBC_TUNABLES", "MEDPEFT_CPU_ALLOCATOR")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in _ALLOCATOR_CHOICE}
 
     def run(**extra: str) -> dict:
         done = subprocess.run([sys.executable, "-c", _ALLOCATION_ROUNDS], cwd=Path(__file__).resolve().parents[1],
                               env={**env, **extra}, capture_output=True, text=True, timeout=120, check=True)
         return json.loads(done.stdout.strip().splitlines()[-1])
 
-    pages = 2 * sum((i % 8 + 1) * 2**20 for i in range(48)) // 4096  # of the two measured rounds
+    pages = 2 * sum((i % 8 + 1) * 2**20 for i in range(48)) // os.sysconf("SC_PAGE_SIZE")  # two measured rounds
     kept = run()
     assert kept["said"].startswith("glibc malloc keeps")
     assert kept["mmapped"] == 0 and kept["free_after"] >= 16 * 2**20  # from the heap, and kept once freed
@@ -647,7 +647,7 @@ def test_allocator_settings_and_when_they_are_left_alone(monkeypatch) -> None:
 
     if "LD_PRELOAD" not in os.environ:
         assert allocator._interposed_malloc() is False  # this process runs glibc's own malloc
-    for name in [k for k in os.environ if k.startswith("MALLOC_")] + ["LD_PRELOAD", "GLIBC_TUNABLES", "MEDPEFT_CPU_ALLOCATOR"]:
+    for name in [k for k in os.environ if k.startswith("MALLOC_")] + list(_ALLOCATOR_CHOICE):
         monkeypatch.delenv(name, raising=False)
     calls: list[tuple[int, int]] = []
     refuse: set[int] = set()
