@@ -57,10 +57,16 @@ class MedPeftCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        choose_precision(cfg.trainer)
         init = _tensorboard_args(cfg)
         if init is not None and self.subcommand == "fit":
             check_writable(Path(init.save_dir))
+        self._resolve_checkpoint(cfg, init)
+        ckpt = cfg.get("ckpt_path")
+        started = started_config(Path(ckpt)) if self.subcommand == "fit" and ckpt else None
+        choose_precision(cfg.trainer, started)
+
+    def _resolve_checkpoint(self, cfg: Any, init: Any) -> None:
+        """``--ckpt_path last|best|auto`` (and the evaluation default ``best``) become this run's own file."""
         ckpt = cfg.get("ckpt_path")
         if self.subcommand in ("validate", "test", "predict") and ckpt is None:
             ckpt = "best"
@@ -93,15 +99,53 @@ class MedPeftCLI(LightningCLI):
             raise
 
 
-def choose_precision(trainer: Any) -> None:
-    """``trainer.precision: null`` becomes the fastest safe precision of the device (and says so)."""
-    from lightning_modules.precision import auto_precision, resolve_device, slow_precision_warning
+def started_config(ckpt: Path) -> tuple[Path, Any] | None:
+    """(config.yaml, its trainer.precision) of the run a fit resumes from ``ckpt``, if that run saved one."""
+    import yaml
+
+    path = ckpt.parent.parent / "config.yaml"  # <run>/checkpoints/<file>.ckpt
+    try:
+        trainer = (yaml.safe_load(path.read_text()) or {}).get("trainer") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return (path, trainer["precision"]) if trainer.get("precision") is not None else None
+
+
+def choose_precision(trainer: Any, started: tuple[Path, Any] | None = None) -> None:
+    """``trainer.precision: null`` becomes the fastest safe precision of the device (and says so).
+
+    A resumed fit (``started``: the run's saved config and the precision it trained in) keeps its
+    precision where this device computes it natively, so that one run does not change numerics
+    half-way; elsewhere it takes the device's choice and warns.
+    """
+    from lightning_modules.precision import (
+        auto_precision,
+        resolve_device,
+        runs_natively,
+        slow_precision_warning,
+    )
 
     device = resolve_device(trainer.get("accelerator"))
     if trainer.get("precision") is None:
+        if started is not None and runs_natively(started[1], device):
+            trainer.precision = started[1]
+            print(f"trainer.precision: {trainer.precision} (as this run started, in {started[0]}; "
+                  "set --trainer.precision to choose).", file=sys.stderr)
+            return
         trainer.precision, why = auto_precision(device, trainer.get("strategy"))
         print(f"trainer.precision: {trainer.precision} ({why}; set --trainer.precision to choose).", file=sys.stderr)
-    elif (warning := slow_precision_warning(trainer.precision, device)) is not None:
+        if started is not None:
+            log.warning(
+                f"This run started in precision {started[1]} ({started[0]}), which this {device} does not compute "
+                f"natively: it resumes in {trainer.precision}; set --trainer.precision {started[1]} to keep it."
+            )
+        return
+    if started is not None and str(trainer.precision) != str(started[1]):
+        log.warning(
+            f"trainer.precision={trainer.precision} differs from the {started[1]} this run started in "
+            f"({started[0]}): the resumed steps train in {trainer.precision}."
+        )
+    if (warning := slow_precision_warning(trainer.precision, device)) is not None:
         log.warning(warning)
 
 

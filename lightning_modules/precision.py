@@ -71,6 +71,16 @@ def auto_precision(device: str, strategy: Any = None) -> tuple[str, str]:
     return "32-true", f"the safe default on {device}"
 
 
+def runs_natively(precision: Any, device: str) -> bool:
+    """Whether ``device`` computes ``precision`` in hardware (a resumed run keeps it only then)."""
+    name = str(precision)
+    if name in ("32", "32-true", "64", "64-true"):
+        return True
+    if name in _EMULATED_BF16:
+        return (device == "cuda" and cuda_has_native_bf16()) or (device == "cpu" and cpu_has_native_bf16())
+    return device == "cuda" and name in ("16", "16-mixed", "16-true")
+
+
 def slow_precision_warning(precision: Any, device: str) -> str | None:
     """A warning when an explicit bf16 precision will be emulated (and slow) on this CPU, else None."""
     if device != "cpu" or str(precision) not in _EMULATED_BF16 or cpu_has_native_bf16():

@@ -204,3 +204,50 @@ def test_precision_choice_per_device(monkeypatch: pytest.MonkeyPatch, caplog: py
     trainer = Namespace(accelerator="cpu", precision=None)
     run.choose_precision(trainer)
     assert trainer.precision == "bf16-mixed"
+
+
+def test_resumed_fit_keeps_the_precision_it_started_in(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    """A run started in 64-true and resumed with precision null continues in 64-true, not the CPU's 32-true."""
+    import yaml
+
+    run.cli_main(["fit", *TINY, "--trainer.precision", "64-true"])
+    (run_dir,) = version_dirs(in_tmp)
+    capsys.readouterr()
+    run.cli_main(["fit", *TINY, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert version_dirs(in_tmp) == [run_dir]
+    saved = (run_dir / "config.yaml").relative_to(in_tmp)
+    assert f"trainer.precision: 64-true (as this run started, in {saved};" in capsys.readouterr().err
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["precision"] == "64-true"
+    state = trained_state(run_dir / "checkpoints" / "last.ckpt")
+    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float64}
+    assert json.loads((run_dir / "fit_summary.json").read_text())["global_steps"] == 6
+
+
+def test_resumed_precision_where_the_device_cannot_keep_it(monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """bf16 started on a bf16 machine: kept where bf16 is native, else the device's choice with a warning;
+    an explicit precision always wins, with a warning when it differs from the run's."""
+    from jsonargparse import Namespace
+
+    from lightning_modules import precision
+
+    started = (Path("runs/x/version_0/config.yaml"), "bf16-mixed")
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    trainer = Namespace(accelerator="cpu", precision=None)
+    run.choose_precision(trainer, started)
+    assert trainer.precision == "bf16-mixed"
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    trainer = Namespace(accelerator="cpu", precision=None)
+    with caplog.at_level("WARNING", logger="medpeft"):
+        run.choose_precision(trainer, started)
+    assert trainer.precision == "32-true"
+    assert "started in precision bf16-mixed" in caplog.text and "--trainer.precision bf16-mixed to keep it" in caplog.text
+
+    caplog.clear()
+    trainer = Namespace(accelerator="cpu", precision="32-true")
+    with caplog.at_level("WARNING", logger="medpeft"):
+        run.choose_precision(trainer, started)
+    assert trainer.precision == "32-true" and "differs from the bf16-mixed this run started in" in caplog.text
+    assert [precision.runs_natively(p, "cpu") for p in ("32-true", 64, "16-mixed", "bf16-mixed")] == [
+        True, True, False, False]
