@@ -27,7 +27,8 @@ from benchmarks.harness import (
 
 #: Methods that need no backbone weight gradient (the 0.75 step-ratio target) and LinearProbe.
 NO_WEIGHT_GRAD = ("lora", "ssf", "bitfit", "norm_tuning", "vpt_shallow", "adaptformer", "fact_tt")
-QUICK = {VIT: ("full", "linear_probe", *NO_WEIGHT_GRAD), "resnet50": ("full", "linear_probe", "bitfit", "lora")}
+#: The configs of ``--quick``: the ViT-S step and inference targets.
+QUICK = ("full", "linear_probe", *NO_WEIGHT_GRAD)
 
 
 def build_modules(backbone: str, names: tuple[str, ...] | None) -> tuple[dict[str, Any], dict[str, str]]:
