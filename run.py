@@ -33,12 +33,27 @@ log = logging.getLogger("medpeft")
 
 
 class RunConfigSaver(SaveConfigCallback):
-    """Saves the resolved config into the run dir: ``config.yaml`` for fit, ``config_<stage>.yaml`` else."""
+    """Saves the resolved config into the run dir: ``config.yaml`` for fit, ``config_<stage>.yaml`` else.
+
+    Its checkpoint state records the precision the run started in (kept across resumes, also where a
+    resume had to train in another one) and the one it trained in last, for ``choose_precision``.
+    """
+
+    precision_started: str | None = None  # restored from the checkpoint a fit resumes
+    precision_trained: str | None = None  # this fit's
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn enum
         self.config_filename = "config.yaml" if stage == "fit" else f"config_{stage}.yaml"
+        self.precision_trained = str(trainer.precision)
         super().setup(trainer, pl_module, stage)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"precision_started": self.precision_started or self.precision_trained,
+                "precision_trained": self.precision_trained}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.precision_started = state_dict.get("precision_started")
 
 
 class MedPeftCLI(LightningCLI):
@@ -61,9 +76,7 @@ class MedPeftCLI(LightningCLI):
         if init is not None and self.subcommand == "fit":
             check_writable(Path(init.save_dir))
         self._resolve_checkpoint(cfg, init)
-        ckpt = cfg.get("ckpt_path")
-        started = started_config(Path(ckpt)) if self.subcommand == "fit" and ckpt else None
-        choose_precision(cfg.trainer, started)
+        choose_precision(cfg.trainer, cfg.get("ckpt_path") if self.subcommand == "fit" else None)
 
     def _resolve_checkpoint(self, cfg: Any, init: Any) -> None:
         """``--ckpt_path last|best|auto`` (and the evaluation default ``best``) become this run's own file."""
@@ -99,51 +112,49 @@ class MedPeftCLI(LightningCLI):
             raise
 
 
-def started_config(ckpt: Path) -> tuple[Path, Any] | None:
-    """(config.yaml, its trainer.precision) of the run a fit resumes from ``ckpt``, if that run saved one."""
-    import yaml
-
-    path = ckpt.parent.parent / "config.yaml"  # <run>/checkpoints/<file>.ckpt
-    try:
-        trainer = (yaml.safe_load(path.read_text()) or {}).get("trainer") or {}
-    except (OSError, yaml.YAMLError, AttributeError):
-        return None
-    return (path, trainer["precision"]) if trainer.get("precision") is not None else None
-
-
-def choose_precision(trainer: Any, started: tuple[Path, Any] | None = None) -> None:
+def choose_precision(trainer: Any, ckpt: Any = None) -> None:
     """``trainer.precision: null`` becomes the fastest safe precision of the device (and says so).
 
-    A resumed fit (``started``: the run's saved config and the precision it trained in) keeps its
-    precision where this device computes it natively, so that one run does not change numerics
-    half-way; elsewhere it takes the device's choice and warns.
+    A fit resumed from checkpoint ``ckpt`` keeps the precision its run started in (recorded in the
+    checkpoint) where this device computes it natively, so that one run does not change numerics
+    half-way; elsewhere it takes the device's choice and warns, as it does when an explicit
+    precision differs from the run's.
     """
     from lightning_modules.precision import (
         auto_precision,
+        recorded_precision,
         resolve_device,
         runs_natively,
         slow_precision_warning,
+        unified,
     )
 
     device = resolve_device(trainer.get("accelerator"))
+    strategy = trainer.get("strategy")
+    started = recorded_precision(ckpt) if ckpt is not None else None
     if trainer.get("precision") is None:
-        if started is not None and runs_natively(started[1], device):
-            trainer.precision = started[1]
-            print(f"trainer.precision: {trainer.precision} (as this run started, in {started[0]}; "
-                  "set --trainer.precision to choose).", file=sys.stderr)
+        if started is not None and runs_natively(started, device, strategy):
+            trainer.precision = started
+            print(f"trainer.precision: {started} (the run of {ckpt} started in it; set --trainer.precision "
+                  "to choose).", file=sys.stderr)
             return
-        trainer.precision, why = auto_precision(device, trainer.get("strategy"))
-        print(f"trainer.precision: {trainer.precision} ({why}; set --trainer.precision to choose).", file=sys.stderr)
+        trainer.precision, why = auto_precision(device, strategy)
         if started is not None:
             log.warning(
-                f"This run started in precision {started[1]} ({started[0]}), which this {device} does not compute "
-                f"natively: it resumes in {trainer.precision}; set --trainer.precision {started[1]} to keep it."
+                f"trainer.precision: {trainer.precision} ({why}), although the run of {ckpt} started in "
+                f"{started}, which this {device.upper()} does not compute natively; set --trainer.precision "
+                f"{started} to keep it, emulated and slower."
             )
+            return
+        note = f"; {ckpt} records no precision" if ckpt is not None else ""
+        print(f"trainer.precision: {trainer.precision} ({why}{note}; set --trainer.precision to choose).",
+              file=sys.stderr)
         return
-    if started is not None and str(trainer.precision) != str(started[1]):
+    if started is not None and unified(trainer.precision) != started:
         log.warning(
-            f"trainer.precision={trainer.precision} differs from the {started[1]} this run started in "
-            f"({started[0]}): the resumed steps train in {trainer.precision}."
+            f"trainer.precision={trainer.precision} differs from the {started} the run of {ckpt} started in, "
+            f"so its resumed steps train in another precision; pass --trainer.precision {started} (or null) "
+            "to continue in the run's."
         )
     if (warning := slow_precision_warning(trainer.precision, device)) is not None:
         log.warning(warning)

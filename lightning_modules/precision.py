@@ -11,6 +11,7 @@ So the default is bf16-mixed where bf16 is native (CUDA Ampere or newer, bf16-ca
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,7 +59,7 @@ def cuda_has_native_bf16() -> bool:
 def auto_precision(device: str, strategy: Any = None) -> tuple[str, str]:
     """(precision, why) for training on ``device`` with ``strategy``."""
     if device == "cuda":
-        if any(k in str(getattr(strategy, "class_path", strategy) or "") for k in ("fork", "notebook")):
+        if _forks(strategy):
             # Probing the GPU would initialise CUDA here, which fork-based strategies forbid.
             return "16-mixed", "the GPU is not probed under a fork-based strategy; fp16 autocast with loss scaling"
         if cuda_has_native_bf16():
@@ -71,14 +72,55 @@ def auto_precision(device: str, strategy: Any = None) -> tuple[str, str]:
     return "32-true", f"the safe default on {device}"
 
 
-def runs_natively(precision: Any, device: str) -> bool:
-    """Whether ``device`` computes ``precision`` in hardware (a resumed run keeps it only then)."""
-    name = str(precision)
-    if name in ("32", "32-true", "64", "64-true"):
-        return True
-    if name in _EMULATED_BF16:
+#: Lightning's legacy spellings and the names they stand for.
+_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+_FORK_STRATEGIES = ("fork", "notebook")
+
+
+def unified(precision: Any) -> str:
+    """``precision`` as Lightning names it (32 -> "32-true", "bf16" -> "bf16-mixed", ...)."""
+    return _ALIASES.get(str(precision), str(precision))
+
+
+def _forks(strategy: Any) -> bool:
+    return any(k in str(getattr(strategy, "class_path", strategy) or "") for k in _FORK_STRATEGIES)
+
+
+def runs_natively(precision: Any, device: str, strategy: Any = None) -> bool:
+    """Whether ``device`` computes ``precision`` in hardware (a resumed run keeps it only then).
+
+    Under a fork-based strategy the GPU is not probed (that would initialise CUDA before the fork):
+    a CUDA precision is taken as native there.
+    """
+    name = unified(precision)
+    if name in ("32-true", "64-true"):
+        return device != "mps" or name == "32-true"  # MPS has no float64
+    if device == "cuda" and _forks(strategy):
+        return name in ("16-mixed", "16-true", "bf16-mixed", "bf16-true")
+    if name in ("bf16-mixed", "bf16-true"):
         return (device == "cuda" and cuda_has_native_bf16()) or (device == "cpu" and cpu_has_native_bf16())
-    return device == "cuda" and name in ("16", "16-mixed", "16-true")
+    return device == "cuda" and name in ("16-mixed", "16-true")
+
+
+#: Where a checkpoint records its run's precisions (the state of ``run.RunConfigSaver``).
+RECORD_KEY = "RunConfigSaver"
+
+
+def recorded_precision(ckpt: Any) -> str | None:
+    """The precision the run of checkpoint file ``ckpt`` started in, as it recorded it (None: not recorded).
+
+    Only the checkpoint's structure is read: its tensors are memory-mapped, not loaded.
+    """
+    path = Path(str(ckpt))
+    if not path.is_file():  # "hpc", "registry", a remote URL: Lightning resolves those itself
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - an unreadable file is Lightning's to report when it loads it
+        return None
+    record = ((checkpoint.get("callbacks") or {}) if isinstance(checkpoint, dict) else {}).get(RECORD_KEY)
+    started = record.get("precision_started") if isinstance(record, dict) else None
+    return unified(started) if started is not None else None
 
 
 def slow_precision_warning(precision: Any, device: str) -> str | None:

@@ -206,48 +206,77 @@ def test_precision_choice_per_device(monkeypatch: pytest.MonkeyPatch, caplog: py
     assert trainer.precision == "bf16-mixed"
 
 
-def test_resumed_fit_keeps_the_precision_it_started_in(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
-    """A run started in 64-true and resumed with precision null continues in 64-true, not the CPU's 32-true."""
-    import yaml
-
+def test_resumed_fit_keeps_the_precision_it_started_in(in_tmp: Path, capsys: pytest.CaptureFixture,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Started in 64-true, resumed once in an explicit 32-true (warned), then with precision null from the
+    checkpoint file (a new version dir): that part trains in 64-true again, as the checkpoint recorded
+    the run's start."""
     run.cli_main(["fit", *TINY, "--trainer.precision", "64-true"])
     (run_dir,) = version_dirs(in_tmp)
+    last = run_dir / "checkpoints" / "last.ckpt"
+
+    def record(ckpt: Path = last) -> dict:
+        return torch.load(ckpt, weights_only=True)["callbacks"]["RunConfigSaver"]
+
+    assert record() == {"precision_started": "64-true", "precision_trained": "64-true"}
+
+    with caplog.at_level("WARNING", logger="medpeft"):
+        run.cli_main(["fit", *TINY, "--trainer.max_epochs", "2", "--trainer.precision", "32-true",
+                      "--ckpt_path", "last"])
+    assert "trainer.precision=32-true differs from the 64-true the run of" in caplog.text
+    assert record() == {"precision_started": "64-true", "precision_trained": "32-true"}
+    assert {t.dtype for t in trained_state(last).values() if t.is_floating_point()} == {torch.float32}
+
     capsys.readouterr()
-    run.cli_main(["fit", *TINY, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
-    assert version_dirs(in_tmp) == [run_dir]
-    saved = (run_dir / "config.yaml").relative_to(in_tmp)
-    assert f"trainer.precision: 64-true (as this run started, in {saved};" in capsys.readouterr().err
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["precision"] == "64-true"
-    state = trained_state(run_dir / "checkpoints" / "last.ckpt")
-    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float64}
-    assert json.loads((run_dir / "fit_summary.json").read_text())["global_steps"] == 6
+    run.cli_main(["fit", *TINY, "--trainer.max_epochs", "3", "--ckpt_path", str(last)])
+    assert f"trainer.precision: 64-true (the run of {last} started in it;" in capsys.readouterr().err
+    (_, new_dir) = version_dirs(in_tmp)
+    new_last = new_dir / "checkpoints" / "last.ckpt"
+    assert {t.dtype for t in trained_state(new_last).values() if t.is_floating_point()} == {torch.float64}
+    assert record(new_last) == {"precision_started": "64-true", "precision_trained": "64-true"}
+    assert json.loads((new_dir / "fit_summary.json").read_text())["global_steps"] == 9
 
 
-def test_resumed_precision_where_the_device_cannot_keep_it(monkeypatch: pytest.MonkeyPatch,
-                                                           caplog: pytest.LogCaptureFixture) -> None:
-    """bf16 started on a bf16 machine: kept where bf16 is native, else the device's choice with a warning;
-    an explicit precision always wins, with a warning when it differs from the run's."""
+def test_resumed_precision_where_the_device_cannot_keep_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture, capsys) -> None:
+    """bf16 recorded: kept where bf16 is native, else the device's choice with one warning; an explicit
+    precision that differs warns (its alias does not); an unrecorded checkpoint says so."""
     from jsonargparse import Namespace
 
     from lightning_modules import precision
 
-    started = (Path("runs/x/version_0/config.yaml"), "bf16-mixed")
+    monkeypatch.setattr(precision, "recorded_precision", lambda ckpt: {"a.ckpt": "bf16-mixed"}.get(ckpt))
+
+    def chosen(value: object, ckpt: str = "a.ckpt") -> object:
+        trainer = Namespace(accelerator="cpu", precision=value, strategy="auto")
+        run.choose_precision(trainer, ckpt)
+        return trainer.precision
+
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
-    trainer = Namespace(accelerator="cpu", precision=None)
-    run.choose_precision(trainer, started)
-    assert trainer.precision == "bf16-mixed"
+    with caplog.at_level("WARNING", logger="medpeft"):
+        assert chosen(None) == "bf16-mixed" and chosen("bf16") == "bf16"
+    assert "the run of a.ckpt started in it" in capsys.readouterr().err and not caplog.text
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
-    trainer = Namespace(accelerator="cpu", precision=None)
     with caplog.at_level("WARNING", logger="medpeft"):
-        run.choose_precision(trainer, started)
-    assert trainer.precision == "32-true"
-    assert "started in precision bf16-mixed" in caplog.text and "--trainer.precision bf16-mixed to keep it" in caplog.text
-
+        assert chosen(None) == "32-true"
+    assert "although the run of a.ckpt started in bf16-mixed" in caplog.text
+    assert "--trainer.precision bf16-mixed to keep it" in caplog.text and not capsys.readouterr().err
     caplog.clear()
-    trainer = Namespace(accelerator="cpu", precision="32-true")
     with caplog.at_level("WARNING", logger="medpeft"):
-        run.choose_precision(trainer, started)
-    assert trainer.precision == "32-true" and "differs from the bf16-mixed this run started in" in caplog.text
+        assert chosen("32-true") == "32-true"
+    assert "differs from the bf16-mixed the run of a.ckpt started in" in caplog.text
+    assert chosen(None, "old.ckpt") == "32-true" and "old.ckpt records no precision" in capsys.readouterr().err
+
     assert [precision.runs_natively(p, "cpu") for p in ("32-true", 64, "16-mixed", "bf16-mixed")] == [
         True, True, False, False]
+    assert not precision.runs_natively("64-true", "mps") and precision.runs_natively(32, "mps")
+
+    def probe() -> bool:
+        raise AssertionError("the GPU must not be probed before a fork")
+
+    monkeypatch.setattr(precision, "cuda_has_native_bf16", probe)
+    assert precision.runs_natively("bf16-mixed", "cuda", "ddp_fork")
+    assert precision.recorded_precision(tmp_path / "missing.ckpt") is None
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    assert precision.recorded_precision(tmp_path / "junk.ckpt") is None
