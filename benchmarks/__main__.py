@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never wait 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the targets' configs only, fewer rounds (< 10 min)")
+    parser.add_argument("--quick", action="store_true", help="the targets' configs only, on ViT-S (< 10 min)")
     parser.add_argument("--json", type=Path, default=None, help="write the results object here")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: per-work ratios, robust to other jobs on the cores)")
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     from benchmarks.harness import PRECISION_ENV, machine, precision
+    from benchmarks.inference import INFER_BATCH
     from benchmarks.report import config_table, evaluate, table
     from lightning_modules.allocator import keep_freed_memory
 
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "failed_families": dict(failed),
             "machine": machine(),
             "settings": {"quick": args.quick, "clock": args.clock, "threads": args.threads, "families": families,
-                         "batch": 8, "image_size": 224, "precision": precision(),
+                         "batch": 8, "infer_batch": INFER_BATCH, "image_size": 224, "precision": precision(),
                          "cpu_allocator": allocator,
                          "total_seconds": round(time.perf_counter() - started, 1)},
             "targets": evaluate(results),

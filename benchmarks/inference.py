@@ -3,9 +3,9 @@
 Latency is one image's forward pass (batch 1), the unit a diagnostic query waits for. It is also the
 unit that measures best on a shared machine: a ratio is the fastest of many short passes of the
 case over the fastest of the plain model's passes run beside them, so a burst of other work spoils
-a few samples rather than a whole measurement. With 3 rounds of one batch-8 pass, two identical
-models measured 0.93-1.18 of each other in one run; with batch 1, 6 rounds of 5, 0.97-1.02 in the
-same time.
+a few samples rather than a whole measurement. Six identical models measured 0.93-1.18 of the plain
+one with 3 rounds of one batch-8 pass, and 0.97-1.02 with batch 1, 6 rounds of 5, in the same time
+(one process each, on a loaded host).
 """
 
 from __future__ import annotations
@@ -114,5 +114,5 @@ def infer_ratios(
         (merged if kind == "merged" else unmerged)[name] = value
     for name in selective & set(merged):  # measured once: the unmerged model is the merged one
         unmerged[name] = merged[name]
-    plain_seconds = seconds(interleaved({"plain": plain_forward}, rounds=3))["plain"]
-    return merged, unmerged, {"batch": INFER_BATCH, "plain_seconds_per_batch": plain_seconds, "skipped": skipped, "control": control}
+    plain_seconds = seconds(interleaved({"plain": plain_forward}, rounds=3, repeats=5))["plain"]
+    return merged, unmerged, {"batch": INFER_BATCH, "plain_seconds_per_pass": plain_seconds, "skipped": skipped, "control": control}

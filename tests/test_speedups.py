@@ -560,7 +560,7 @@ def test_inference_benchmark_reports_unmerged_latency_only_where_measured(monkey
         return {name: {"wall": 1.0 + i / 100, "cpu": 1.0 + i / 100} for i, name in enumerate(cases)}
 
     monkeypatch.setattr(inference, "adjacent_ratios", fake_adjacent)
-    monkeypatch.setattr(inference, "interleaved", lambda cases, rounds: {n: Timings([1.0], [1.0]) for n in cases})
+    monkeypatch.setattr(inference, "interleaved", lambda cases, rounds, repeats=1: {n: Timings([1.0], [1.0]) for n in cases})
     merged, unmerged, details = inference.infer_ratios(("lora", "ssf", "bitfit"), rounds=1, unmerged_names=("lora",))
     assert measured == ["control.plain_twin", "unmerged.lora", "merged.lora", "merged.ssf", "merged.bitfit"]
     assert set(merged) == {"lora", "ssf", "bitfit"} and set(unmerged) == {"lora", "bitfit"}
