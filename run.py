@@ -36,8 +36,16 @@ class RunConfigSaver(SaveConfigCallback):
     """Saves the resolved config into the run dir: ``config.yaml`` for fit, ``config_<stage>.yaml`` else.
 
     Its checkpoint state records the precision the run started in (kept across resumes, also where a
-    resume had to train in another one) and the one it trained in last, for ``choose_precision``.
+    resume had to train in another one; ``choose_precision`` reads it) and, for the record, the one it
+    trained in last. A checkpoint written before this record existed has none: its first resume
+    records the resume's precision as the start.
     """
+
+    @property
+    def state_key(self) -> str:
+        from lightning_modules.precision import RECORD_KEY
+
+        return RECORD_KEY
 
     precision_started: str | None = None  # restored from the checkpoint a fit resumes
     precision_trained: str | None = None  # this fit's
@@ -122,6 +130,8 @@ def choose_precision(trainer: Any, ckpt: Any = None) -> None:
     """
     from lightning_modules.precision import (
         auto_precision,
+        emulates,
+        is_checkpoint_file,
         recorded_precision,
         resolve_device,
         runs_natively,
@@ -140,20 +150,22 @@ def choose_precision(trainer: Any, ckpt: Any = None) -> None:
             return
         trainer.precision, why = auto_precision(device, strategy)
         if started is not None:
+            keep = (f"set --trainer.precision {started} to keep it, emulated and slower" if emulates(started, device)
+                    else "resume on a device that computes it to keep it")
             log.warning(
                 f"trainer.precision: {trainer.precision} ({why}), although the run of {ckpt} started in "
-                f"{started}, which this {device.upper()} does not compute natively; set --trainer.precision "
-                f"{started} to keep it, emulated and slower."
+                f"{started}, which this {device.upper()} does not compute natively; {keep}."
             )
             return
-        note = f"; {ckpt} records no precision" if ckpt is not None else ""
+        note = f"; {ckpt} records no precision" if ckpt is not None and is_checkpoint_file(ckpt) else ""
         print(f"trainer.precision: {trainer.precision} ({why}{note}; set --trainer.precision to choose).",
               file=sys.stderr)
         return
     if started is not None and unified(trainer.precision) != started:
+        null = " (or null)" if runs_natively(started, device, strategy) else ""
         log.warning(
             f"trainer.precision={trainer.precision} differs from the {started} the run of {ckpt} started in, "
-            f"so its resumed steps train in another precision; pass --trainer.precision {started} (or null) "
+            f"so its resumed steps train in another precision; pass --trainer.precision {started}{null} "
             "to continue in the run's."
         )
     if (warning := slow_precision_warning(trainer.precision, device)) is not None:

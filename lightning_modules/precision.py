@@ -106,21 +106,39 @@ def runs_natively(precision: Any, device: str, strategy: Any = None) -> bool:
 RECORD_KEY = "RunConfigSaver"
 
 
-def recorded_precision(ckpt: Any) -> str | None:
-    """The precision the run of checkpoint file ``ckpt`` started in, as it recorded it (None: not recorded).
-
-    Only the checkpoint's structure is read: its tensors are memory-mapped, not loaded.
-    """
-    path = Path(str(ckpt))
-    if not path.is_file():  # "hpc", "registry", a remote URL: Lightning resolves those itself
-        return None
+def is_checkpoint_file(ckpt: Any) -> bool:
+    """Whether ``ckpt`` names a local file (not "hpc", a registry name, a URL or a sharded folder)."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - an unreadable file is Lightning's to report when it loads it
+        return Path(str(ckpt)).is_file()
+    except OSError:  # e.g. a folder on the way that cannot be read
+        return False
+
+
+def recorded_precision(ckpt: Any) -> str | None:
+    """The precision the run of checkpoint file ``ckpt`` started in, as it recorded it (None: not recorded,
+    or not a readable local file; Lightning reports an unreadable one when it loads it).
+
+    Only the checkpoint's structure is read: its tensors are memory-mapped, not loaded (a legacy,
+    non-zip file cannot be mapped and is loaded whole).
+    """
+    if not is_checkpoint_file(ckpt):
         return None
-    record = ((checkpoint.get("callbacks") or {}) if isinstance(checkpoint, dict) else {}).get(RECORD_KEY)
+    checkpoint = None
+    for mmap in (True, False):
+        try:
+            checkpoint = torch.load(Path(str(ckpt)), map_location="cpu", weights_only=True, mmap=mmap)
+            break
+        except Exception:  # noqa: BLE001, S112 - any unreadable file, whatever torch raises for it
+            continue
+    callbacks = checkpoint.get("callbacks") if isinstance(checkpoint, dict) else None
+    record = callbacks.get(RECORD_KEY) if isinstance(callbacks, dict) else None
     started = record.get("precision_started") if isinstance(record, dict) else None
     return unified(started) if started is not None else None
+
+
+def emulates(precision: Any, device: str) -> bool:
+    """Whether ``device`` runs ``precision`` although not natively (bf16 on a CPU or GPU without it)."""
+    return unified(precision) in ("bf16-mixed", "bf16-true") and device in ("cpu", "cuda")
 
 
 def slow_precision_warning(precision: Any, device: str) -> str | None:

@@ -246,6 +246,7 @@ def test_resumed_precision_where_the_device_cannot_keep_it(monkeypatch: pytest.M
     from lightning_modules import precision
 
     monkeypatch.setattr(precision, "recorded_precision", lambda ckpt: {"a.ckpt": "bf16-mixed"}.get(ckpt))
+    monkeypatch.setattr(precision, "is_checkpoint_file", lambda ckpt: ckpt.endswith(".ckpt"))
 
     def chosen(value: object, ckpt: str = "a.ckpt") -> object:
         trainer = Namespace(accelerator="cpu", precision=value, strategy="auto")
@@ -277,6 +278,25 @@ def test_resumed_precision_where_the_device_cannot_keep_it(monkeypatch: pytest.M
 
     monkeypatch.setattr(precision, "cuda_has_native_bf16", probe)
     assert precision.runs_natively("bf16-mixed", "cuda", "ddp_fork")
-    assert precision.recorded_precision(tmp_path / "missing.ckpt") is None
+    assert chosen(None, "hpc") == "32-true" and "records no precision" not in capsys.readouterr().err
+
+
+def test_recorded_precision_reads_only_its_own_record(tmp_path: Path) -> None:
+    """The start's precision from a checkpoint's RunConfigSaver state (aliases unified); None for a missing,
+    unreadable, legacy-format or unrecorded file, never an exception."""
+    from lightning_modules.precision import recorded_precision
+
+    def saved(name: str, content: object, **kwargs: object) -> Path:
+        torch.save(content, tmp_path / name, **kwargs)
+        return tmp_path / name
+
+    record = {"callbacks": {"RunConfigSaver": {"precision_started": "bf16", "precision_trained": "32-true"}},
+              "state_dict": {"w": torch.zeros(3)}}
+    assert recorded_precision(saved("run.ckpt", record)) == "bf16-mixed"
+    assert recorded_precision(str(tmp_path / "run.ckpt")) == "bf16-mixed"
+    assert recorded_precision(saved("legacy.ckpt", record, _use_new_zipfile_serialization=False)) == "bf16-mixed"
+    assert recorded_precision(saved("other.ckpt", {"callbacks": {"ModelCheckpoint": {}}})) is None
+    assert recorded_precision(saved("odd.ckpt", {"callbacks": ["not", "a", "dict"]})) is None
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
-    assert precision.recorded_precision(tmp_path / "junk.ckpt") is None
+    for ckpt in (tmp_path / "junk.ckpt", tmp_path / "missing.ckpt", tmp_path, "hpc"):
+        assert recorded_precision(ckpt) is None
