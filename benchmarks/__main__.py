@@ -93,7 +93,7 @@ def _data(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 
     with tempfile.TemporaryDirectory() as tmp:
         root, kind = png_folder(Path(tmp))
-        cached, cached_d = cached_epoch_ratio(root, rounds=1 if ctx["quick"] else 2)
+        cached, cached_d = cached_epoch_ratio(root, rounds=2)
         probe, probe_d = linear_probe_cached_ratio(root, train_fraction=0.15 if ctx["quick"] else 0.5,
                                                    rounds=1, epochs=2 if ctx["quick"] else 3)
     return ({"cached_epoch_ratio": cached, "linear_probe_cached_ratio": probe},
