@@ -77,7 +77,7 @@ def _inference(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 def _lightning(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     from benchmarks.lightning_loop import lightning_overhead
 
-    value, details = lightning_overhead("lora", steps=6 if ctx["quick"] else 16)
+    value, details = lightning_overhead("lora", steps=9 if ctx["quick"] else 16)
     return {"lightning_overhead": value}, {"lightning_overhead": details}
 
 
@@ -94,7 +94,7 @@ def _data(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         root, kind = png_folder(Path(tmp))
         cached, cached_d = cached_epoch_ratio(root, rounds=2)
-        probe, probe_d = linear_probe_cached_ratio(root, train_fraction=0.15 if ctx["quick"] else 0.5,
+        probe, probe_d = linear_probe_cached_ratio(root, train_fraction=0.08 if ctx["quick"] else 0.5,
                                                    rounds=1, epochs=2 if ctx["quick"] else 3)
     return ({"cached_epoch_ratio": cached, "linear_probe_cached_ratio": probe},
             {"data": kind, "cached_epoch_ratio": cached_d, "linear_probe_cached_ratio": probe_d})
