@@ -49,7 +49,7 @@ def _steps(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     quick = ctx["quick"]
     # --quick: the targets' configs, all on ViT-S; its time goes to rounds, the ratios' only defence
     # against the host's bursts. ResNet-50 and channels_last (no targets) are in the full run.
-    vit, vit_d = step_ratios(VIT, QUICK if quick else None, rounds=7 if quick else 8)
+    vit, vit_d = step_ratios(VIT, QUICK if quick else None, rounds=6 if quick else 8)
     adapters = vit_d.pop("adapter_bytes")
     results = {**_flat("step_ratio", vit), **_flat("adapter_bytes", adapters)}
     details = {"step_ratio": vit_d}
@@ -77,7 +77,7 @@ def _inference(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 def _lightning(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     from benchmarks.lightning_loop import lightning_overhead
 
-    value, details = lightning_overhead("lora", steps=9 if ctx["quick"] else 16)
+    value, details = lightning_overhead("lora", steps=6 if ctx["quick"] else 16)
     return {"lightning_overhead": value}, {"lightning_overhead": details}
 
 
