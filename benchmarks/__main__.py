@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import lightning  # noqa: F401 - sets its loggers' levels on import; quieted below
     import torch
 
-    from benchmarks.harness import PRECISION_ENV, machine, precision
+    from benchmarks.harness import BATCH, IMAGE_SIZE, PRECISION_ENV, machine, precision
     from benchmarks.inference import INFER_BATCH
     from benchmarks.report import config_table, evaluate, table
     from lightning_modules.allocator import keep_freed_memory
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "failed_families": dict(failed),
             "machine": machine(),
             "settings": {"quick": args.quick, "clock": args.clock, "threads": args.threads, "families": families,
-                         "batch": 8, "infer_batch": INFER_BATCH, "image_size": 224, "precision": precision(),
+                         "batch": BATCH, "infer_batch": INFER_BATCH, "image_size": IMAGE_SIZE, "precision": precision(),
                          "cpu_allocator": allocator,
                          "total_seconds": round(time.perf_counter() - started, 1)},
             "targets": evaluate(results),

@@ -18,6 +18,8 @@ import torch
 
 #: What an explicit ``trainer.precision`` of these values costs on a CPU without native bf16.
 _EMULATED_BF16 = ("bf16-mixed", "bf16", "bf16-true")
+#: fp16 precisions (as Lightning names them): hardware fp16 on CUDA only.
+_FP16 = ("16-mixed", "16-true")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -96,10 +98,10 @@ def runs_natively(precision: Any, device: str, strategy: Any = None) -> bool:
     if name in ("32-true", "64-true"):
         return device != "mps" or name == "32-true"  # MPS has no float64
     if device == "cuda" and _forks(strategy):
-        return name in ("16-mixed", "16-true", "bf16-mixed", "bf16-true")
-    if name in ("bf16-mixed", "bf16-true"):
+        return name in _FP16 or name in _EMULATED_BF16
+    if name in _EMULATED_BF16:
         return (device == "cuda" and cuda_has_native_bf16()) or (device == "cpu" and cpu_has_native_bf16())
-    return device == "cuda" and name in ("16-mixed", "16-true")
+    return device == "cuda" and name in _FP16
 
 
 #: Where a checkpoint records its run's precisions (the state of ``run.RunConfigSaver``).
@@ -138,7 +140,7 @@ def recorded_precision(ckpt: Any) -> str | None:
 
 def emulates(precision: Any, device: str) -> bool:
     """Whether ``device`` runs ``precision`` although not natively (bf16 on a CPU or GPU without it)."""
-    return unified(precision) in ("bf16-mixed", "bf16-true") and device in ("cpu", "cuda")
+    return unified(precision) in _EMULATED_BF16 and device in ("cpu", "cuda")
 
 
 def slow_precision_warning(precision: Any, device: str) -> str | None:
