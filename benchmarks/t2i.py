@@ -7,17 +7,26 @@ import tempfile
 from typing import Any
 
 import lightning as L
+import torch
+from torch import nn
 
 from benchmarks.harness import Timings, now, ratio, seconds
 
-#: The offline demo's setting (configs/demo_t2i.yaml): tiny SD, LoRA r=8 on the UNet, 64 px, batch 16.
-IMAGE_SIZE, BATCH_SIZE = 64, 16
+#: (tiny layout, image size, batch) of each setting, LoRA r=8 on the UNet in both. "sd15": SD v1.5's
+#: architecture at 1/4 width, whose encoders take SD v1.5's share of the computation (the target's
+#: setting); "demo": the offline demo's model and data (configs/demo_t2i.yaml), whose 4x VAE of 16-32
+#: channels is far lighter than SD's.
+SETTINGS: dict[str, tuple[bool | str, int, int]] = {"sd15": ("sd15", 128, 4), "demo": (True, 64, 16)}
 
 
 class _StepClock(L.Callback):
-    """Per training step: its time, and the time spent inside the module's two encoders."""
+    """Per training step of one fit: its time, and the time spent inside the module's two encoders."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forgets the previous fit's steps."""
         self.steps = Timings()
         self.encoders = Timings()
         self._start = (0.0, 0.0)
@@ -59,47 +68,70 @@ class _StepClock(L.Callback):
         self.encoders.cpu.append(self._in_encoders[1])
 
 
-def _steps(precompute: bool, steps: int) -> tuple[_StepClock, dict[str, int]]:
-    from datamodules.captions import SyntheticCaptionDataModule
-    from lightning_modules.text_to_image import TextToImage
-    from peft_methods import LoRA
+class _Fits:
+    """One TextToImage (LoRA r=8 on the UNet) and its data, fitted for a few steps per round.
 
-    module = TextToImage(tiny=True, image_size=IMAGE_SIZE, peft=LoRA(r=8, alpha=8), precompute=precompute,
-                         sample_every_n_steps=0, export_adapter=False)
-    data = SyntheticCaptionDataModule(num_train=4 * BATCH_SIZE, num_val=4, num_test=4, image_size=IMAGE_SIZE,
-                                      batch_size=BATCH_SIZE, num_workers=0)
-    clock = _StepClock()
-    clock.time_encoders(module)
-    parts = {"unet": module.unet, "vae_encoder": module.vae.encoder, "text_encoder": module.text_encoder}
-    params = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
-    with tempfile.TemporaryDirectory() as root:
-        trainer = L.Trainer(
-            accelerator="cpu", devices=1, precision="32-true", max_steps=steps, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            limit_val_batches=0, num_sanity_val_steps=0, callbacks=[clock], default_root_dir=root,
-        )
-        trainer.fit(module, data)
-    return clock, params
+    The module is built once and fitted again each round (a new Trainer, optimizer and, with
+    precompute, latent cache each time): the same work per step, without rebuilding the model.
+    """
+
+    def __init__(self, precompute: bool, setting: str) -> None:
+        from datamodules.captions import SyntheticCaptionDataModule
+        from lightning_modules.text_to_image import TextToImage
+        from peft_methods import LoRA
+
+        tiny, size, batch = SETTINGS[setting]
+        self.module = TextToImage(tiny=tiny, image_size=size, peft=LoRA(r=8, alpha=8), precompute=precompute,
+                                  sample_every_n_steps=0, export_adapter=False)
+        self.data = SyntheticCaptionDataModule(num_train=4 * batch, num_val=4, num_test=4, image_size=size,
+                                               batch_size=batch, num_workers=0)
+        self.clock = _StepClock()
+        self.clock.time_encoders(self.module)
+
+    def params(self) -> dict[str, int]:
+        m = self.module
+        parts = {"unet": m.unet, "vae_encoder": m.vae.encoder, "text_encoder": m.text_encoder}
+        return {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+
+    def run(self, steps: int) -> _StepClock:
+        """Fits ``steps`` steps; the clock holds their times."""
+        self.clock.reset()
+        with tempfile.TemporaryDirectory() as root:
+            trainer = L.Trainer(
+                accelerator="cpu", devices=1, precision="32-true", max_steps=steps, logger=False,
+                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                limit_val_batches=0, num_sanity_val_steps=0, callbacks=[self.clock], default_root_dir=root,
+            )
+            trainer.fit(self.module, self.data)
+        return self.clock
 
 
-def t2i_cached_latents_ratio(rounds: int, steps: int = 5, warmup: int = 1) -> tuple[dict[str, float], dict[str, Any]]:
-    """Step time with ``precompute: true`` / with ``precompute: false`` (demo_t2i setting): the
-    fastest round of each, a round's time being the median step of one fit.
+def t2i_cached_latents_ratio(
+    rounds: int, steps: int = 5, warmup: int = 1, setting: str = "sd15"
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Step time with ``precompute: true`` / with ``precompute: false`` (one of ``SETTINGS``): the
+    fastest step of each after ``warmup`` steps of every fit, fits alternating round by round (other
+    jobs on the machine only add time, as in every other ratio). The details keep the ratio of the
+    fastest fits by their median step, too.
 
     Precompute can remove at most the encoders' share of an encoding step: the details give that
     share (median over rounds, measured inside the same steps) and the bound 1 - share it sets on
-    the ratio, up to timing noise.
+    the ratio, up to timing noise; and the encoders' share of the FLOPs.
     """
-    per_round = {"precomputed": Timings(), "encoding_every_step": Timings()}
+    fits = {True: _Fits(True, setting), False: _Fits(False, setting)}
+    per_step = {"precomputed": Timings(), "encoding_every_step": Timings()}
+    per_fit = {"precomputed": Timings(), "encoding_every_step": Timings()}  # each fit's median step
     share = Timings()
     precompute_seconds = []
     for r in range(rounds):
         for precompute in (True, False) if r % 2 == 0 else (False, True):
-            clock, params = _steps(precompute, steps)
+            clock = fits[precompute].run(steps)
             t = clock.steps
             name = "precomputed" if precompute else "encoding_every_step"
-            per_round[name].wall.append(statistics.median(t.wall[warmup:]))
-            per_round[name].cpu.append(statistics.median(t.cpu[warmup:]))
+            per_step[name].wall.extend(t.wall[warmup:])
+            per_step[name].cpu.extend(t.cpu[warmup:])
+            per_fit[name].wall.append(statistics.median(t.wall[warmup:]))
+            per_fit[name].cpu.append(statistics.median(t.cpu[warmup:]))
             if precompute:
                 precompute_seconds.append(clock.first_batch[0] - clock.fit_start[0])
             else:
@@ -107,10 +139,75 @@ def t2i_cached_latents_ratio(rounds: int, steps: int = 5, warmup: int = 1) -> tu
                 share.wall.append(statistics.median(e / s for e, s in zip(enc.wall[warmup:], t.wall[warmup:], strict=True)))
                 share.cpu.append(statistics.median(e / s for e, s in zip(enc.cpu[warmup:], t.cpu[warmup:], strict=True)))
     encoder_share = {"wall": round(share.median, 3), "cpu": round(share.median_cpu, 3)}
-    details = {"seconds_per_step": seconds(per_round),
+    tiny, size, batch = SETTINGS[setting]
+    m = fits[False].module
+    details = {"seconds_per_step": seconds(per_step),
+               "steps_timed": {"fits": rounds, "steps_per_fit": steps - warmup},
+               "median_step_ratio_of_fastest_fits": ratio(per_fit["precomputed"], per_fit["encoding_every_step"]),
                "encoder_share_of_encoding_step": encoder_share,
                "bound_1_minus_encoder_share": {k: round(1 - v, 3) for k, v in encoder_share.items()},
+               "encoder_share_of_flops": round(encoder_flop_share(m.unet, m.vae, m.text_encoder, size, batch), 3),
                "startup_seconds_with_precompute": round(statistics.median(precompute_seconds), 2),
-               "image_size": IMAGE_SIZE, "batch_size": BATCH_SIZE, "precision": "32-true (as configs/demo_t2i.yaml)",
-               "params": params}
-    return ratio(per_round["precomputed"], per_round["encoding_every_step"]), details
+               "tiny": tiny, "image_size": size, "batch_size": batch,
+               "precision": "32-true (as configs/demo_t2i.yaml)", "params": fits[False].params()}
+    return ratio(per_step["precomputed"], per_step["encoding_every_step"]), details
+
+
+def encoder_flop_share(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, image_size: int, batch: int) -> float:
+    """FLOPs of the VAE encoder + text encoder / those plus a UNet forward and input-gradient backward.
+
+    The LoRA step's computation with the rank-r products left out (they are <1% of it), counted by
+    ``torch.utils.flop_counter`` (matrix products, convolutions and attention). The modules may live on
+    the meta device: a full-size architecture is counted without allocating its weights.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(unet.parameters()).device
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    images = torch.zeros(batch, 3, image_size, image_size, device=device)
+    ids = torch.zeros(batch, text_encoder.config.max_position_embeddings, dtype=torch.long, device=device)
+    latents = torch.zeros(batch, unet.config.in_channels, image_size // factor, image_size // factor, device=device)
+    context = torch.zeros(batch, ids.shape[1], unet.config.cross_attention_dim, device=device)
+    timesteps = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def flops(fn: Any) -> int:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+        return counter.get_total_flops()
+
+    def unet_step() -> None:
+        unet(latents.requires_grad_(), timesteps, context).sample.sum().backward()
+
+    with torch.no_grad():
+        encoders = flops(lambda: vae.encode(images)) + flops(lambda: text_encoder(ids))
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    unet.requires_grad_(False)
+    try:
+        step = flops(unet_step)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+    return encoders / (encoders + step)
+
+
+def sd15_on_meta() -> tuple[nn.Module, nn.Module, nn.Module]:
+    """Stable Diffusion v1.5's UNet, VAE and CLIP ViT-L/14 text encoder (their published configs) on the
+    meta device: the architecture, no weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+            cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+        )
+        text = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+        ))
+    return unet, vae, text

@@ -84,34 +84,74 @@ def load_components(pretrained: str) -> Components:
     )
 
 
-def build_tiny_components(image_size: int, seed: int = 0) -> Components:
-    """A small random-initialised SD model (same seed, same weights) with attention at <= 16x16.
+#: ``tiny`` layouts: "demo" (the offline demo's, fast) and "sd15" (Stable Diffusion v1.5's blocks at 1/4 width).
+TINY_LAYOUTS = ("demo", "sd15")
 
-    VAE: 3 levels (4x downsampling, 4 latent channels). UNet: 2 levels (32, 64 channels), cross
-    attention in the lower level and the mid block. CLIP text encoder: 2 layers, width 32.
+
+def tiny_layout(tiny: bool | str) -> str:
+    """The layout a ``tiny`` setting means: true is the demo's, a string names one of ``TINY_LAYOUTS``."""
+    if tiny is True:
+        return "demo"
+    if isinstance(tiny, str) and tiny in TINY_LAYOUTS:
+        return tiny
+    raise ValueError(
+        f"model.init_args.tiny={tiny!r} is not a tiny model; use true (the demo's) or one of "
+        f"{', '.join(repr(t) for t in TINY_LAYOUTS)}."
+    )
+
+
+def build_tiny_components(image_size: int, seed: int = 0, layout: str = "demo") -> Components:
+    """A small random-initialised SD model (same arguments, same weights).
+
+    ``demo``: VAE of 3 levels (4x downsampling, 4 latent channels, no attention); UNet of 2 levels
+    (32, 64 channels), cross attention in the lower level and the mid block; CLIP text encoder of 2
+    layers, width 32.
+
+    ``sd15``: Stable Diffusion v1.5's blocks with every width divided by 4, group and head widths
+    kept (1/16 of the parameters): VAE of 4 levels, 2 ResNet blocks each (8x downsampling, 32-128
+    channels, mid-block attention); UNet of 4 levels (80, 160, 320, 320 channels), 2 blocks each,
+    cross attention in the upper three and the mid block, heads of 40, 80 and 160; CLIP text encoder
+    of 12 layers, width 192 (3 heads of 64). Its parts keep SD v1.5's proportions (each has 1/16 of
+    its parameters), which the demo's 4x VAE of 16-32 channels does not: the setting in which to
+    measure what precomputed latents save. Attention stays at <= 16 x 16 up to 128 px images.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if layout not in TINY_LAYOUTS:
+        raise ValueError(f"tiny layout {layout!r} is not known; use one of {', '.join(TINY_LAYOUTS)}.")
     tokenizer = tiny_tokenizer()
+    sd15 = layout == "sd15"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        vae_levels = (32, 64, 128, 128) if sd15 else (16, 32, 32)
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(16, 32, 32), sample_size=image_size, mid_block_add_attention=False,
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2 if sd15 else 1, norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * len(vae_levels),
+            up_block_types=("UpDecoderBlock2D",) * len(vae_levels),
+            block_out_channels=vae_levels, sample_size=image_size, mid_block_add_attention=sd15,
             scaling_factor=1.0,
         )
-        unet = UNet2DConditionModel(
-            sample_size=image_size // 4, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        )
+        factor = 2 ** (len(vae_levels) - 1)
+        if sd15:
+            unet = UNet2DConditionModel(
+                sample_size=image_size // factor, in_channels=4, out_channels=4, layers_per_block=2,
+                block_out_channels=(80, 160, 320, 320), norm_num_groups=8, cross_attention_dim=192,
+                attention_head_dim=2,  # diffusers' name for the number of heads: SD v1's head widths (40-160)
+            )
+        else:
+            unet = UNet2DConditionModel(
+                sample_size=image_size // factor, in_channels=4, out_channels=4, layers_per_block=1,
+                block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            )
+        width, layers, heads = (192, 12, 3) if sd15 else (32, 2, 4)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
-                vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+                vocab_size=len(tokenizer), hidden_size=width, intermediate_size=(4 if sd15 else 2) * width,
+                num_hidden_layers=layers, num_attention_heads=heads,
+                max_position_embeddings=tokenizer.model_max_length,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
             )

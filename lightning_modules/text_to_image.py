@@ -47,7 +47,8 @@ class TextToImage(SamplingHooks, EvaluationHooks, L.LightningModule):
 
     Args:
         pretrained: hub id or local directory (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``).
-        tiny: build a small random-init model instead (tests, offline demo; fixed weights).
+        tiny: build a small random-init model instead (fixed weights): true for the offline demo's,
+            ``sd15`` for Stable Diffusion v1.5's architecture at 1/4 width (see ``build_tiny_components``).
         peft: the PEFT method applied to the UNet (default: full fine-tuning).
         image_size: training / sampling resolution (linked from the datamodule).
         prediction_type: ``epsilon`` or ``v_prediction`` training target.
@@ -73,7 +74,7 @@ class TextToImage(SamplingHooks, EvaluationHooks, L.LightningModule):
     def __init__(
         self,
         pretrained: str | None = None,
-        tiny: bool = False,
+        tiny: bool | Literal["demo", "sd15"] = False,
         peft: PeftMethod | None = None,
         image_size: int = 224,
         prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
@@ -110,9 +111,10 @@ class TextToImage(SamplingHooks, EvaluationHooks, L.LightningModule):
 
         from diffusers import DDPMScheduler
 
-        from lightning_modules.t2i_components import build_tiny_components, load_components
+        from lightning_modules.t2i_components import build_tiny_components, load_components, tiny_layout
 
-        comps = build_tiny_components(image_size) if tiny else load_components(str(pretrained))
+        comps = (build_tiny_components(image_size, layout=tiny_layout(tiny)) if tiny
+                 else load_components(str(pretrained)))
         if image_size % comps.vae_factor:
             raise ValueError(
                 f"model.init_args.image_size={image_size} is not divisible by the VAE's downsampling "
@@ -153,7 +155,8 @@ class TextToImage(SamplingHooks, EvaluationHooks, L.LightningModule):
     def base_info(self) -> dict[str, Any]:
         """How to rebuild the base components (recorded in checkpoints and exports)."""
         hp = self.hparams
-        return {"pretrained": hp.pretrained, "tiny": hp.tiny, "image_size": hp.image_size, "tiny_seed": 0,
+        tiny = True if hp.tiny == "demo" else hp.tiny  # the demo's layout is recorded as true, as before layouts
+        return {"pretrained": hp.pretrained, "tiny": tiny, "image_size": hp.image_size, "tiny_seed": 0,
                 "prediction_type": hp.prediction_type, "sampler": hp.sampler}
 
     @torch.no_grad()
@@ -357,13 +360,17 @@ class TextToImage(SamplingHooks, EvaluationHooks, L.LightningModule):
                 self.ema.load_state_dict(checkpoint["ema"])
 
 
-def _check_args(pretrained: str | None, tiny: bool, prediction_type: str, caption_dropout: float,
+def _check_args(pretrained: str | None, tiny: bool | str, prediction_type: str, caption_dropout: float,
                 snr_gamma: float | None, ema_decay: float | None, steps: int, every: int, per_caption: int) -> None:
     if bool(pretrained) == bool(tiny):
         raise ValueError(
             "Set exactly one of model.init_args.pretrained (hub id or local Stable Diffusion directory) "
-            "and model.init_args.tiny=true (small random-init model)."
+            "and model.init_args.tiny (true or sd15: a small random-init model)."
         )
+    if tiny:
+        from lightning_modules.t2i_components import tiny_layout
+
+        tiny_layout(tiny)  # raises for an unknown layout
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"model.init_args.prediction_type must be epsilon or v_prediction, got {prediction_type!r}.")
     if not 0.0 <= caption_dropout < 1.0:

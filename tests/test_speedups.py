@@ -473,6 +473,40 @@ def test_t2i_benchmark_counts_encoder_time_inside_each_step() -> None:
     assert all(e <= s for e, s in zip(clock.encoders.wall, clock.steps.wall, strict=True))
 
 
+def test_t2i_encoder_flop_share_counts_the_parts_and_leaves_the_unet_trainable() -> None:
+    """SD v1.5 at 512 px, one image: VAE encoder 1.12 TFLOPs, text encoder 0.01, UNet forward +
+    input-gradient backward 1.73, so a share of 0.396; it does not depend on the batch, and the
+    UNet's trainable flags are restored."""
+    from benchmarks.t2i import encoder_flop_share, sd15_on_meta
+    from lightning_modules.t2i_components import build_tiny_components
+
+    assert 0.39 < encoder_flop_share(*sd15_on_meta(), 512, 1) < 0.40
+    comps = build_tiny_components(32)
+    trainable = {n for n, p in comps.unet.named_parameters() if "attn" in n}
+    for n, p in comps.unet.named_parameters():
+        p.requires_grad_(n in trainable)
+    one, two = (encoder_flop_share(comps.unet, comps.vae, comps.text_encoder, 32, b) for b in (1, 2))
+    assert 0.1 < one < 0.5 and abs(one - two) < 1e-9
+    assert {n for n, p in comps.unet.named_parameters() if p.requires_grad} == trainable
+    assert all(p.grad is None for p in comps.unet.parameters())
+
+
+def test_t2i_benchmark_refits_one_module_per_side(monkeypatch) -> None:
+    """The demo setting, 2 rounds of 3 steps: precomputed steps call no encoder, each round a new fit."""
+    import benchmarks.t2i as t2i
+
+    monkeypatch.setitem(t2i.SETTINGS, "demo", (True, 32, 4))
+    built = []
+    original = t2i._Fits.__init__
+    monkeypatch.setattr(t2i._Fits, "__init__", lambda self, *a: (built.append(a), original(self, *a))[1])
+    value, details = t2i.t2i_cached_latents_ratio(rounds=2, steps=3, warmup=1, setting="demo")
+    assert built == [(True, "demo"), (False, "demo")]
+    assert details["steps_timed"] == {"fits": 2, "steps_per_fit": 2} and details["tiny"] is True
+    assert 0 < details["encoder_share_of_encoding_step"]["cpu"] < 1 and 0 < details["encoder_share_of_flops"] < 1
+    sec = details["seconds_per_step"]
+    assert value["cpu"] == round(sec["precomputed"]["cpu"] / sec["encoding_every_step"]["cpu"], 3)
+
+
 def test_benchmark_merged_twin_equals_the_trained_unmerged_model(monkeypatch) -> None:
     """Also for SVDiff, whose parametrized layers a deep copy would break."""
     import benchmarks.inference as inference

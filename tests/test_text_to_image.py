@@ -332,11 +332,54 @@ def test_local_directory_in_the_sd15_layout_loads(tmp_path: Path) -> None:
     assert torch.equal(local.generate(PROMPTS, [5, 6]), tiny_module(peft=BitFit()).generate(PROMPTS, [5, 6]))
 
 
+def test_sd15_tiny_layout_is_stable_diffusion_at_quarter_width() -> None:
+    """Same blocks and head widths as SD v1.5 (built on the meta device from its configs), 1/16 of the
+    parameters; same seed, same weights."""
+    from diffusers.models.attention_processor import Attention
+
+    from benchmarks.t2i import sd15_on_meta
+
+    tiny, (unet, vae, text) = build_tiny_components(SIZE, layout="sd15"), sd15_on_meta()
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert 15.8 < count(unet) / count(tiny.unet) < 16.1
+    assert 15.8 < count(vae.encoder) / count(tiny.vae.encoder) < 16.1
+    for ours, theirs in ((tiny.unet, unet), (tiny.vae, vae)):
+        names = lambda m: [type(b).__name__ for b in m.modules()]  # noqa: E731
+        assert names(ours) == names(theirs)
+    head_widths = lambda m: [a.inner_dim // a.heads for a in m.modules() if isinstance(a, Attention)]  # noqa: E731
+    assert head_widths(tiny.unet) == head_widths(unet) and sorted(set(head_widths(unet))) == [40, 80, 160]
+    assert tiny.vae_factor == 8 and tiny.text_encoder.config.num_hidden_layers == text.config.num_hidden_layers
+    assert 4 * tiny.text_encoder.config.hidden_size == text.config.hidden_size
+    again = build_tiny_components(SIZE, layout="sd15").unet.state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in tiny.unet.state_dict().items())
+
+
+def test_sd15_tiny_module_is_recorded_and_its_export_rebuilds_it(tmp_path: Path) -> None:
+    module = TextToImage(tiny="sd15", image_size=SIZE, peft=LoRA(r=4, alpha=4), num_inference_steps=2)
+    assert module.base_info()["tiny"] == "sd15" and tiny_module(peft=BitFit()).base_info()["tiny"] is True
+    assert TextToImage(tiny="demo", image_size=SIZE, peft=BitFit()).base_info()["tiny"] is True
+    with torch.no_grad():
+        for p in module.unet.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4)) * 0.05)
+    ours = module.generate(PROMPTS[:1], [3])
+    export_adapter(module.unet, module.peft, tmp_path, module.base_info())
+    pipe = build_pipeline(tmp_path, merge=True)
+    assert count_params(pipe.unet)[1] == count_params(build_tiny_components(SIZE, layout="sd15").unet)[1]
+    assert (generate(pipe, PROMPTS[:1], [3], SIZE, 2, 4.0).int() - ours.int()).abs().max() <= 1
+    ckpt: dict = {}
+    module.on_save_checkpoint(ckpt)
+    with pytest.raises(ValueError, match="Checkpoint was made for tiny='sd15' but this run has tiny=True"):
+        tiny_module(peft=LoRA(r=4, alpha=4)).on_load_checkpoint(ckpt)
+
+
 def test_bad_model_inputs_give_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not divisible by the VAE's downsampling factor 4"):
         TextToImage(tiny=True, image_size=66)
     with pytest.raises(ValueError, match="exactly one of model.init_args.pretrained"):
         TextToImage()
+    with pytest.raises(ValueError, match=r"tiny='sd21' is not a tiny model; use true \(the demo's\) or one of"):
+        TextToImage(tiny="sd21")
     with pytest.raises(FileNotFoundError, match="lacks the subfolders"):
         TextToImage(pretrained=str(tmp_path))
     with pytest.raises(OSError, match="offline machine"):
