@@ -89,9 +89,11 @@ class _Fits:
         self.clock.time_encoders(self.module)
 
     def params(self) -> dict[str, int]:
+        from peft_methods import count_params
+
         m = self.module
         parts = {"unet": m.unet, "vae_encoder": m.vae.encoder, "text_encoder": m.text_encoder}
-        return {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+        return {name: count_params(part)[1] for name, part in parts.items()}
 
     def run(self, steps: int) -> _StepClock:
         """Fits ``steps`` steps; the clock holds their times."""
@@ -123,6 +125,7 @@ def t2i_cached_latents_ratio(
     per_fit = {"precomputed": Timings(), "encoding_every_step": Timings()}  # each fit's median step
     share = Timings()
     precompute_seconds = []
+    in_encoders = 0.0  # the most CPU time a precomputed step spent in an encoder (0: it calls none)
     for r in range(rounds):
         for precompute in (True, False) if r % 2 == 0 else (False, True):
             clock = fits[precompute].run(steps)
@@ -134,6 +137,7 @@ def t2i_cached_latents_ratio(
             per_fit[name].cpu.append(statistics.median(t.cpu[warmup:]))
             if precompute:
                 precompute_seconds.append(clock.first_batch[0] - clock.fit_start[0])
+                in_encoders = max(in_encoders, *clock.encoders.cpu)
             else:
                 enc = clock.encoders
                 share.wall.append(statistics.median(e / s for e, s in zip(enc.wall[warmup:], t.wall[warmup:], strict=True)))
@@ -142,7 +146,8 @@ def t2i_cached_latents_ratio(
     tiny, size, batch = SETTINGS[setting]
     m = fits[False].module
     details = {"seconds_per_step": seconds(per_step),
-               "steps_timed": {"fits": rounds, "steps_per_fit": steps - warmup},
+               "steps_timed": {name: len(t.wall) for name, t in per_step.items()},
+               "encoder_seconds_in_a_precomputed_step": in_encoders,
                "median_step_ratio_of_fastest_fits": ratio(per_fit["precomputed"], per_fit["encoding_every_step"]),
                "encoder_share_of_encoding_step": encoder_share,
                "bound_1_minus_encoder_share": {k: round(1 - v, 3) for k, v in encoder_share.items()},
@@ -156,7 +161,7 @@ def t2i_cached_latents_ratio(
 def encoder_flop_share(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, image_size: int, batch: int) -> float:
     """FLOPs of the VAE encoder + text encoder / those plus a UNet forward and input-gradient backward.
 
-    The LoRA step's computation with the rank-r products left out (they are <1% of it), counted by
+    A LoRA step's computation but the weight gradients of its rank-r factors (<1% of it), counted by
     ``torch.utils.flop_counter`` (matrix products, convolutions and attention). The modules may live on
     the meta device: a full-size architecture is counted without allocating its weights.
     """

@@ -85,7 +85,16 @@ def unified(precision: Any) -> str:
 
 
 def _forks(strategy: Any) -> bool:
-    return any(k in str(getattr(strategy, "class_path", strategy) or "") for k in _FORK_STRATEGIES)
+    """Whether ``strategy`` (a name, a class_path + init_args config, or a Strategy) starts its
+    processes by forking this one: ``ddp_fork``, ``ddp_notebook`` or ``start_method: fork``."""
+    if isinstance(strategy, dict):
+        class_path, init = strategy.get("class_path"), strategy.get("init_args")
+    else:
+        class_path, init = getattr(strategy, "class_path", strategy), getattr(strategy, "init_args", None)
+    if any(k in str(class_path or "") for k in _FORK_STRATEGIES):
+        return True
+    start = init.get("start_method") if isinstance(init, dict) else getattr(init, "start_method", None)
+    return (start or getattr(strategy, "_start_method", None)) == "fork"  # the latter: a DDPStrategy object
 
 
 def runs_natively(precision: Any, device: str, strategy: Any = None) -> bool:

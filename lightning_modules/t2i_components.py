@@ -95,8 +95,8 @@ def tiny_layout(tiny: bool | str) -> str:
     if isinstance(tiny, str) and tiny in TINY_LAYOUTS:
         return tiny
     raise ValueError(
-        f"model.init_args.tiny={tiny!r} is not a tiny model; use true (the demo's) or one of "
-        f"{', '.join(repr(t) for t in TINY_LAYOUTS)}."
+        f"tiny={tiny!r} is not a known tiny layout; use true or 'demo' (the offline demo's model) or 'sd15' "
+        "(Stable Diffusion v1.5 at 1/4 width)."
     )
 
 
@@ -107,13 +107,14 @@ def build_tiny_components(image_size: int, seed: int = 0, layout: str = "demo") 
     (32, 64 channels), cross attention in the lower level and the mid block; CLIP text encoder of 2
     layers, width 32.
 
-    ``sd15``: Stable Diffusion v1.5's blocks with every width divided by 4, group and head widths
-    kept (1/16 of the parameters): VAE of 4 levels, 2 ResNet blocks each (8x downsampling, 32-128
+    ``sd15``: Stable Diffusion v1.5's blocks with every width divided by 4, group widths and the
+    UNet's and text encoder's head widths kept: VAE of 4 levels, 2 ResNet blocks each (8x downsampling, 32-128
     channels, mid-block attention); UNet of 4 levels (80, 160, 320, 320 channels), 2 blocks each,
     cross attention in the upper three and the mid block, heads of 40, 80 and 160; CLIP text encoder
-    of 12 layers, width 192 (3 heads of 64). Its parts keep SD v1.5's proportions (each has 1/16 of
-    its parameters), which the demo's 4x VAE of 16-32 channels does not: the setting in which to
-    measure what precomputed latents save. Attention stays at <= 16 x 16 up to 128 px images.
+    of 12 layers, width 192 (3 heads of 64). Its UNet and VAE have 1/16 of SD v1.5's parameters
+    each, so they keep its proportions, which the demo's 4x VAE of 16-32 channels does not: the
+    setting in which to measure what precomputed latents save. Attention stays at <= 16 x 16 up to
+    128 px images.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel

@@ -113,8 +113,11 @@ class TextToImage(SamplingHooks, EvaluationHooks, L.LightningModule):
 
         from lightning_modules.t2i_components import build_tiny_components, load_components, tiny_layout
 
-        comps = (build_tiny_components(image_size, layout=tiny_layout(tiny)) if tiny
-                 else load_components(str(pretrained)))
+        try:
+            layout = tiny_layout(tiny) if tiny else None
+        except ValueError as err:
+            raise ValueError(f"model.init_args.{err}") from None
+        comps = build_tiny_components(image_size, layout=layout) if layout else load_components(str(pretrained))
         if image_size % comps.vae_factor:
             raise ValueError(
                 f"model.init_args.image_size={image_size} is not divisible by the VAE's downsampling "
@@ -365,12 +368,8 @@ def _check_args(pretrained: str | None, tiny: bool | str, prediction_type: str, 
     if bool(pretrained) == bool(tiny):
         raise ValueError(
             "Set exactly one of model.init_args.pretrained (hub id or local Stable Diffusion directory) "
-            "and model.init_args.tiny (true or sd15: a small random-init model)."
+            "and model.init_args.tiny (true, demo or sd15: a small random-init model)."
         )
-    if tiny:
-        from lightning_modules.t2i_components import tiny_layout
-
-        tiny_layout(tiny)  # raises for an unknown layout
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"model.init_args.prediction_type must be epsilon or v_prediction, got {prediction_type!r}.")
     if not 0.0 <= caption_dropout < 1.0:

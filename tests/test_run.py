@@ -277,7 +277,15 @@ def test_resumed_precision_where_the_device_cannot_keep_it(monkeypatch: pytest.M
         raise AssertionError("the GPU must not be probed before a fork")
 
     monkeypatch.setattr(precision, "cuda_has_native_bf16", probe)
-    assert precision.runs_natively("bf16-mixed", "cuda", "ddp_fork")
+    from lightning.pytorch.strategies import DDPStrategy
+
+    ddp = "lightning.pytorch.strategies.DDPStrategy"
+    for forked in ("ddp_fork", "ddp_notebook", Namespace(class_path=ddp, init_args=Namespace(start_method="fork")),
+                   {"class_path": ddp, "init_args": {"start_method": "fork"}}, DDPStrategy(start_method="fork")):
+        assert precision.runs_natively("bf16-mixed", "cuda", forked), forked
+        assert precision.auto_precision("cuda", forked)[0] == "16-mixed"
+    for own in ("ddp", Namespace(class_path=ddp, init_args=Namespace(start_method="popen")), DDPStrategy(), None):
+        assert not precision._forks(own), own
     assert chosen(None, "hpc") == "32-true" and "records no precision" not in capsys.readouterr().err
 
 

@@ -501,10 +501,11 @@ def test_t2i_benchmark_refits_one_module_per_side(monkeypatch) -> None:
     monkeypatch.setattr(t2i._Fits, "__init__", lambda self, *a: (built.append(a), original(self, *a))[1])
     value, details = t2i.t2i_cached_latents_ratio(rounds=2, steps=3, warmup=1, setting="demo")
     assert built == [(True, "demo"), (False, "demo")]
-    assert details["steps_timed"] == {"fits": 2, "steps_per_fit": 2} and details["tiny"] is True
+    assert details["steps_timed"] == {"precomputed": 4, "encoding_every_step": 4} and details["tiny"] is True
+    assert details["encoder_seconds_in_a_precomputed_step"] == 0.0
     assert 0 < details["encoder_share_of_encoding_step"]["cpu"] < 1 and 0 < details["encoder_share_of_flops"] < 1
     sec = details["seconds_per_step"]
-    assert value["cpu"] == round(sec["precomputed"]["cpu"] / sec["encoding_every_step"]["cpu"], 3)
+    assert value["cpu"] == pytest.approx(sec["precomputed"]["cpu"] / sec["encoding_every_step"]["cpu"], abs=0.01)
 
 
 def test_benchmark_merged_twin_equals_the_trained_unmerged_model(monkeypatch) -> None:

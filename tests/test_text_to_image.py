@@ -333,8 +333,8 @@ def test_local_directory_in_the_sd15_layout_loads(tmp_path: Path) -> None:
 
 
 def test_sd15_tiny_layout_is_stable_diffusion_at_quarter_width() -> None:
-    """Same blocks and head widths as SD v1.5 (built on the meta device from its configs), 1/16 of the
-    parameters; same seed, same weights."""
+    """Same module names, blocks and head widths as SD v1.5 (built on the meta device from its
+    configs), 1/16 of the parameters; same seed, same weights."""
     from diffusers.models.attention_processor import Attention
 
     from benchmarks.t2i import sd15_on_meta
@@ -344,7 +344,7 @@ def test_sd15_tiny_layout_is_stable_diffusion_at_quarter_width() -> None:
     assert 15.8 < count(unet) / count(tiny.unet) < 16.1
     assert 15.8 < count(vae.encoder) / count(tiny.vae.encoder) < 16.1
     for ours, theirs in ((tiny.unet, unet), (tiny.vae, vae)):
-        names = lambda m: [type(b).__name__ for b in m.modules()]  # noqa: E731
+        names = lambda m: [(n, type(b).__name__) for n, b in m.named_modules()]  # noqa: E731
         assert names(ours) == names(theirs)
     head_widths = lambda m: [a.inner_dim // a.heads for a in m.modules() if isinstance(a, Attention)]  # noqa: E731
     assert head_widths(tiny.unet) == head_widths(unet) and sorted(set(head_widths(unet))) == [40, 80, 160]
@@ -352,6 +352,17 @@ def test_sd15_tiny_layout_is_stable_diffusion_at_quarter_width() -> None:
     assert 4 * tiny.text_encoder.config.hidden_size == text.config.hidden_size
     again = build_tiny_components(SIZE, layout="sd15").unet.state_dict()
     assert all(torch.equal(v, again[k]) for k, v in tiny.unet.state_dict().items())
+
+
+def test_tiny_parses_as_a_flag_or_a_layout_name() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(TextToImage, "model")
+    parsed = [parser.parse_args(["--model.tiny", v]).model.tiny for v in ("true", "sd15", "demo", "false")]
+    assert parsed == [True, "sd15", "demo", False]
+    with pytest.raises(Exception, match="sd21"):
+        parser.parse_args(["--model.tiny", "sd21"])
 
 
 def test_sd15_tiny_module_is_recorded_and_its_export_rebuilds_it(tmp_path: Path) -> None:
@@ -378,7 +389,7 @@ def test_bad_model_inputs_give_clear_errors(tmp_path: Path) -> None:
         TextToImage(tiny=True, image_size=66)
     with pytest.raises(ValueError, match="exactly one of model.init_args.pretrained"):
         TextToImage()
-    with pytest.raises(ValueError, match=r"tiny='sd21' is not a tiny model; use true \(the demo's\) or one of"):
+    with pytest.raises(ValueError, match=r"model.init_args.tiny='sd21' is not a known tiny layout; use true or 'demo'"):
         TextToImage(tiny="sd21")
     with pytest.raises(FileNotFoundError, match="lacks the subfolders"):
         TextToImage(pretrained=str(tmp_path))
