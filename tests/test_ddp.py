@@ -1,4 +1,4 @@
-"""DDP end to end: ``run.py fit`` on 2 CPU processes (gloo) for LoRA, VPT and SSF on a tiny ViT.
+"""DDP end to end: ``run.py fit`` on 2 CPU processes (gloo) for LoRA (and VPT, SSF: slow) on a tiny ViT.
 
 DDP relaunches the script, so each run is a real ``python run.py`` subprocess. The run directory
 must look like a single-process run's (same validation metrics, same checkpoint tensors) and be
@@ -20,7 +20,10 @@ import run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-METHODS = ("lora", "vpt_shallow", "ssf")
+#: LoRA runs in CI; VPT and SSF under DDP are slow checks (``-m slow``): what they add over LoRA's run,
+#: a gradient for every trainable tensor each step (find_unused_parameters=False), is checked for
+#: every method in tests/test_peft_methods.py.
+METHODS = ("lora", pytest.param("vpt_shallow", marks=pytest.mark.slow), pytest.param("ssf", marks=pytest.mark.slow))
 TINY_VIT = [
     "--config", str(CONFIGS / "demo.yaml"),
     "--model.init_args.backbone", "vit_tiny_patch16_224",
