@@ -112,10 +112,10 @@ def _t2i(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 
     # The target's setting: SD v1.5's architecture at 1/4 width (1.0-1.5 s steps here).
     if ctx["quick"]:
-        value, details = t2i_cached_latents_ratio(rounds=2, steps=7, warmup=1)
+        value, details = t2i_cached_latents_ratio(rounds=2, steps=14, warmup=2)
         return {"t2i_cached_latents_ratio": value}, {"t2i_cached_latents_ratio": details}
-    value, details = t2i_cached_latents_ratio(rounds=5, steps=12, warmup=2)
-    demo, demo_details = t2i_cached_latents_ratio(rounds=3, steps=12, warmup=2, setting="demo")
+    value, details = t2i_cached_latents_ratio(rounds=4, steps=22, warmup=2)
+    demo, demo_details = t2i_cached_latents_ratio(rounds=2, steps=22, warmup=2, setting="demo")
     details["sd15_512px_encoder_share_of_flops"] = round(encoder_flop_share(*sd15_on_meta(), 512, 1), 3)
     return ({"t2i_cached_latents_ratio": value, "t2i_cached_latents_ratio_demo": demo},
             {"t2i_cached_latents_ratio": details, "t2i_cached_latents_ratio_demo": demo_details})

@@ -68,24 +68,41 @@ class _StepClock(L.Callback):
         self.encoders.cpu.append(self._in_encoders[1])
 
 
+class _Alternate(L.Callback):
+    """Every other training step encodes its batch: the module's latent cache is set aside for it, so
+    the step takes the path of ``precompute: false`` (the same code, the VAE and text encoder run)."""
+
+    def __init__(self) -> None:
+        self.first_encodes = False
+        self.encoded: list[bool] = []  # per step of the current fit
+
+    def on_train_batch_start(self, trainer: Any, module: Any, *args: Any) -> None:
+        encode = (trainer.global_step % 2 == 1) != self.first_encodes
+        self.encoded.append(encode)
+        if encode:
+            self._held, module.latent_cache = module.latent_cache, None
+
+    def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
+        if self.encoded[-1]:
+            module.latent_cache = self._held
+
+
 class _Fits:
-    """One TextToImage (LoRA r=8 on the UNet) and its data, fitted for a few steps per round.
+    """One TextToImage (LoRA r=8 on the UNet, ``precompute: true``) and its data, fitted again each
+    round (a new Trainer, optimizer and latent cache each time), its steps alternating between the
+    precomputed inputs and encoding the batch."""
 
-    The module is built once and fitted again each round (a new Trainer, optimizer and, with
-    precompute, latent cache each time): the same work per step, without rebuilding the model.
-    """
-
-    def __init__(self, precompute: bool, setting: str) -> None:
+    def __init__(self, setting: str) -> None:
         from datamodules.captions import SyntheticCaptionDataModule
         from lightning_modules.text_to_image import TextToImage
         from peft_methods import LoRA
 
         tiny, size, batch = SETTINGS[setting]
-        self.module = TextToImage(tiny=tiny, image_size=size, peft=LoRA(r=8, alpha=8), precompute=precompute,
+        self.module = TextToImage(tiny=tiny, image_size=size, peft=LoRA(r=8, alpha=8), precompute=True,
                                   sample_every_n_steps=0, export_adapter=False)
         self.data = SyntheticCaptionDataModule(num_train=4 * batch, num_val=4, num_test=4, image_size=size,
                                                batch_size=batch, num_workers=0)
-        self.clock = _StepClock()
+        self.clock, self.alternate = _StepClock(), _Alternate()
         self.clock.time_encoders(self.module)
 
     def params(self) -> dict[str, int]:
@@ -95,66 +112,72 @@ class _Fits:
         parts = {"unet": m.unet, "vae_encoder": m.vae.encoder, "text_encoder": m.text_encoder}
         return {name: count_params(part)[1] for name, part in parts.items()}
 
-    def run(self, steps: int) -> _StepClock:
-        """Fits ``steps`` steps; the clock holds their times."""
+    def run(self, steps: int, first_encodes: bool) -> tuple[_StepClock, list[bool]]:
+        """Fits ``steps`` steps: the clock's times and, per step, whether it encoded its batch."""
         self.clock.reset()
+        self.alternate.first_encodes, self.alternate.encoded = first_encodes, []
         with tempfile.TemporaryDirectory() as root:
             trainer = L.Trainer(
                 accelerator="cpu", devices=1, precision="32-true", max_steps=steps, logger=False,
                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                limit_val_batches=0, num_sanity_val_steps=0, callbacks=[self.clock], default_root_dir=root,
+                limit_val_batches=0, num_sanity_val_steps=0, callbacks=[self.alternate, self.clock],
+                default_root_dir=root,
             )
             trainer.fit(self.module, self.data)
-        return self.clock
+        return self.clock, self.alternate.encoded
 
 
 def t2i_cached_latents_ratio(
-    rounds: int, steps: int = 5, warmup: int = 1, setting: str = "sd15"
+    rounds: int, steps: int = 12, warmup: int = 2, setting: str = "sd15"
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Step time with ``precompute: true`` / with ``precompute: false`` (one of ``SETTINGS``): the
-    fastest step of each after ``warmup`` steps of every fit, fits alternating round by round (other
-    jobs on the machine only add time, as in every other ratio). The details keep the ratio of the
-    fastest fits by their median step, too.
+    """Step time with precomputed latents and text embeddings / encoding the batch (one of
+    ``SETTINGS``): the fastest step of each, as in every other ratio (other jobs on the machine only
+    add time).
 
-    Precompute can remove at most the encoders' share of an encoding step: the details give that
-    share (median over rounds, measured inside the same steps) and the bound 1 - share it sets on
-    the ratio, up to timing noise; and the encoders' share of the FLOPs.
+    The two kinds alternate step by step inside each of ``rounds`` fits of ``steps`` steps (the
+    first ``warmup`` of each untimed; which kind comes first alternates by fit), so a burst of other
+    work falls on both alike. The details add the median ratio of a precomputed step to the encoding
+    step beside it; the encoders' share of an encoding step, measured inside the same steps, and the
+    bound 1 - share it sets on the ratio; and the encoders' share of the FLOPs.
     """
-    fits = {True: _Fits(True, setting), False: _Fits(False, setting)}
+    fits = _Fits(setting)
     per_step = {"precomputed": Timings(), "encoding_every_step": Timings()}
-    per_fit = {"precomputed": Timings(), "encoding_every_step": Timings()}  # each fit's median step
+    pairs = Timings()  # precomputed step / the encoding step beside it
     share = Timings()
     precompute_seconds = []
     in_encoders = 0.0  # the most CPU time a precomputed step spent in an encoder (0: it calls none)
     for r in range(rounds):
-        for precompute in (True, False) if r % 2 == 0 else (False, True):
-            clock = fits[precompute].run(steps)
-            t = clock.steps
-            name = "precomputed" if precompute else "encoding_every_step"
-            per_step[name].wall.extend(t.wall[warmup:])
-            per_step[name].cpu.extend(t.cpu[warmup:])
-            per_fit[name].wall.append(statistics.median(t.wall[warmup:]))
-            per_fit[name].cpu.append(statistics.median(t.cpu[warmup:]))
-            if precompute:
-                precompute_seconds.append(clock.first_batch[0] - clock.fit_start[0])
-                in_encoders = max(in_encoders, *clock.encoders.cpu)
+        clock, encoded = fits.run(steps, first_encodes=r % 2 == 1)
+        t, enc = clock.steps, clock.encoders
+        precompute_seconds.append(clock.first_batch[0] - clock.fit_start[0])
+        kept = range(warmup, len(encoded))
+        for i in kept:
+            name = "encoding_every_step" if encoded[i] else "precomputed"
+            per_step[name].wall.append(t.wall[i])
+            per_step[name].cpu.append(t.cpu[i])
+            if encoded[i]:
+                share.wall.append(enc.wall[i] / t.wall[i])
+                share.cpu.append(enc.cpu[i] / t.cpu[i])
             else:
-                enc = clock.encoders
-                share.wall.append(statistics.median(e / s for e, s in zip(enc.wall[warmup:], t.wall[warmup:], strict=True)))
-                share.cpu.append(statistics.median(e / s for e, s in zip(enc.cpu[warmup:], t.cpu[warmup:], strict=True)))
+                in_encoders = max(in_encoders, enc.cpu[i])
+        for i in kept[::2]:
+            if i + 1 < len(encoded):
+                p, e = (i + 1, i) if encoded[i] else (i, i + 1)
+                pairs.wall.append(t.wall[p] / t.wall[e])
+                pairs.cpu.append(t.cpu[p] / t.cpu[e])
     encoder_share = {"wall": round(share.median, 3), "cpu": round(share.median_cpu, 3)}
     tiny, size, batch = SETTINGS[setting]
-    m = fits[False].module
+    m = fits.module
     details = {"seconds_per_step": seconds(per_step),
                "steps_timed": {name: len(t.wall) for name, t in per_step.items()},
                "encoder_seconds_in_a_precomputed_step": in_encoders,
-               "median_step_ratio_of_fastest_fits": ratio(per_fit["precomputed"], per_fit["encoding_every_step"]),
+               "median_adjacent_step_ratio": {"wall": round(pairs.median, 3), "cpu": round(pairs.median_cpu, 3)},
                "encoder_share_of_encoding_step": encoder_share,
                "bound_1_minus_encoder_share": {k: round(1 - v, 3) for k, v in encoder_share.items()},
                "encoder_share_of_flops": round(encoder_flop_share(m.unet, m.vae, m.text_encoder, size, batch), 3),
                "startup_seconds_with_precompute": round(statistics.median(precompute_seconds), 2),
                "tiny": tiny, "image_size": size, "batch_size": batch,
-               "precision": "32-true (as configs/demo_t2i.yaml)", "params": fits[False].params()}
+               "precision": "32-true (as configs/demo_t2i.yaml)", "params": fits.params()}
     return ratio(per_step["precomputed"], per_step["encoding_every_step"]), details
 
 

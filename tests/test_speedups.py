@@ -491,19 +491,23 @@ def test_t2i_encoder_flop_share_counts_the_parts_and_leaves_the_unet_trainable()
     assert all(p.grad is None for p in comps.unet.parameters())
 
 
-def test_t2i_benchmark_refits_one_module_per_side(monkeypatch) -> None:
-    """The demo setting, 2 rounds of 3 steps: precomputed steps call no encoder, each round a new fit."""
+def test_t2i_benchmark_alternates_precomputed_and_encoding_steps(monkeypatch) -> None:
+    """The demo setting, 2 fits of 6 steps (2 untimed): one module, refitted; its steps alternate
+    between the cache and encoding (precomputed ones call no encoder), the first kind by fit."""
     import benchmarks.t2i as t2i
 
     monkeypatch.setitem(t2i.SETTINGS, "demo", (True, 32, 4))
-    built = []
-    original = t2i._Fits.__init__
-    monkeypatch.setattr(t2i._Fits, "__init__", lambda self, *a: (built.append(a), original(self, *a))[1])
-    value, details = t2i.t2i_cached_latents_ratio(rounds=2, steps=3, warmup=1, setting="demo")
-    assert built == [(True, "demo"), (False, "demo")]
+    built, kinds = [], []
+    init, run = t2i._Fits.__init__, t2i._Fits.run
+    monkeypatch.setattr(t2i._Fits, "__init__", lambda self, *a: (built.append(a), init(self, *a))[1])
+    monkeypatch.setattr(t2i._Fits, "run", lambda self, *a, **k: (lambda out: (kinds.append(list(out[1])), out)[1])(run(self, *a, **k)))
+    value, details = t2i.t2i_cached_latents_ratio(rounds=2, steps=6, warmup=2, setting="demo")
+    assert built == [("demo",)]
+    assert kinds == [[False, True] * 3, [True, False] * 3]
     assert details["steps_timed"] == {"precomputed": 4, "encoding_every_step": 4} and details["tiny"] is True
     assert details["encoder_seconds_in_a_precomputed_step"] == 0.0
     assert 0 < details["encoder_share_of_encoding_step"]["cpu"] < 1 and 0 < details["encoder_share_of_flops"] < 1
+    assert 0 < details["median_adjacent_step_ratio"]["cpu"] < 2
     sec = details["seconds_per_step"]
     assert value["cpu"] == pytest.approx(sec["precomputed"]["cpu"] / sec["encoding_every_step"]["cpu"], abs=0.01)
 
