@@ -48,9 +48,9 @@ LIMITS: dict[str, str] = {
                     "step_ratio.floor, a LinearProbe that back-propagates through every block and computes "
                     "nothing else, is the bound no method training inside the blocks can beat",
     "t2i_cached_latents_ratio": "precompute removes exactly the VAE-encoder and text-encoder passes; their "
-                                "measured share of an encoding step bounds the ratio at 1 - share "
-                                "(details.t2i_cached_latents_ratio.bound_1_minus_encoder_share): the UNet "
-                                "forward + backward remains",
+                                "measured share of an encoding step puts the ratio at about 1 - share, up to "
+                                "timing noise (details.t2i_cached_latents_ratio.bound_1_minus_encoder_share): "
+                                "the UNet forward + backward remains",
     "peak_mem_ratio.ssf": "the SSF after the patch embedding, attn.proj and mlp.fc2 keeps an activation "
                           "that no later op saves",
     "peak_mem_ratio.*": "activations for the input gradients dominate training memory at batch 8",

@@ -77,13 +77,19 @@ class _Alternate(L.Callback):
         self.encoded: list[bool] = []  # per step of the current fit
 
     def on_train_batch_start(self, trainer: Any, module: Any, *args: Any) -> None:
-        encode = (trainer.global_step % 2 == 1) != self.first_encodes
+        encode = (len(self.encoded) % 2 == 1) != self.first_encodes
         self.encoded.append(encode)
         if encode:
             self._held, module.latent_cache = module.latent_cache, None
 
     def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
-        if self.encoded[-1]:
+        self._restore(module)
+
+    def on_exception(self, trainer: Any, module: Any, *args: Any) -> None:
+        self._restore(module)
+
+    def _restore(self, module: Any) -> None:
+        if self.encoded and self.encoded[-1] and module.latent_cache is None:
             module.latent_cache = self._held
 
 
@@ -124,6 +130,8 @@ class _Fits:
                 default_root_dir=root,
             )
             trainer.fit(self.module, self.data)
+        if len(self.alternate.encoded) != len(self.clock.steps.wall):
+            raise RuntimeError("a training step of the t2i benchmark was skipped; its steps cannot be paired.")
         return self.clock, self.alternate.encoded
 
 
@@ -135,10 +143,11 @@ def t2i_cached_latents_ratio(
     add time).
 
     The two kinds alternate step by step inside each of ``rounds`` fits of ``steps`` steps (the
-    first ``warmup`` of each untimed; which kind comes first alternates by fit), so a burst of other
-    work falls on both alike. The details add the median ratio of a precomputed step to the encoding
-    step beside it; the encoders' share of an encoding step, measured inside the same steps, and the
-    bound 1 - share it sets on the ratio; and the encoders' share of the FLOPs.
+    first ``warmup`` of each untimed; which kind comes first alternates by fit), so both kinds are
+    sampled across the same stretch of time. The details add the median ratio of a precomputed step
+    to the encoding step beside it; the encoders' median share of an encoding step, measured inside
+    the same steps, which puts the ratio at about 1 - share (up to timing noise); and the encoders'
+    share of the FLOPs.
     """
     fits = _Fits(setting)
     per_step = {"precomputed": Timings(), "encoding_every_step": Timings()}

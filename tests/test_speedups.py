@@ -499,8 +499,16 @@ def test_t2i_benchmark_alternates_precomputed_and_encoding_steps(monkeypatch) ->
     monkeypatch.setitem(t2i.SETTINGS, "demo", (True, 32, 4))
     built, kinds = [], []
     init, run = t2i._Fits.__init__, t2i._Fits.run
+
+    def checked_run(self, *args, **kwargs):
+        clock, encoded = run(self, *args, **kwargs)
+        kinds.append(list(encoded))
+        # every encoding step spent time in the encoders, no precomputed one did; the cache is back
+        assert [e > 0 for e in clock.encoders.cpu] == encoded and self.module.latent_cache is not None
+        return clock, encoded
+
     monkeypatch.setattr(t2i._Fits, "__init__", lambda self, *a: (built.append(a), init(self, *a))[1])
-    monkeypatch.setattr(t2i._Fits, "run", lambda self, *a, **k: (lambda out: (kinds.append(list(out[1])), out)[1])(run(self, *a, **k)))
+    monkeypatch.setattr(t2i._Fits, "run", checked_run)
     value, details = t2i.t2i_cached_latents_ratio(rounds=2, steps=6, warmup=2, setting="demo")
     assert built == [("demo",)]
     assert kinds == [[False, True] * 3, [True, False] * 3]
