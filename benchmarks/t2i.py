@@ -75,6 +75,7 @@ class _Alternate(L.Callback):
     def __init__(self) -> None:
         self.first_encodes = False
         self.encoded: list[bool] = []  # per step of the current fit
+        self._held: Any = None  # the cache set aside during an encoding step
 
     def on_train_batch_start(self, trainer: Any, module: Any, *args: Any) -> None:
         encode = (len(self.encoded) % 2 == 1) != self.first_encodes
@@ -199,8 +200,10 @@ def encoder_flop_share(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module,
     """
     from torch.utils.flop_counter import FlopCounterMode
 
+    from lightning_modules.t2i_components import vae_factor
+
     device = next(unet.parameters()).device
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_factor(vae)
     images = torch.zeros(batch, 3, image_size, image_size, device=device)
     ids = torch.zeros(batch, text_encoder.config.max_position_embeddings, dtype=torch.long, device=device)
     latents = torch.zeros(batch, unet.config.in_channels, image_size // factor, image_size // factor, device=device)

@@ -44,7 +44,12 @@ class Components:
     @property
     def vae_factor(self) -> int:
         """Pixel size of one latent cell (8 for SD)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_factor(self.vae)
+
+
+def vae_factor(vae: nn.Module) -> int:
+    """Pixel size of one latent cell of an ``AutoencoderKL`` (each level but the last halves the image)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def load_components(pretrained: str) -> Components:
@@ -100,8 +105,8 @@ def tiny_layout(tiny: bool | str) -> str:
     )
 
 
-def build_tiny_components(image_size: int, seed: int = 0, layout: str = "demo") -> Components:
-    """A small random-initialised SD model (same arguments, same weights).
+def build_tiny_components(image_size: int, seed: int = 0, layout: bool | str = "demo") -> Components:
+    """A small random-initialised SD model (same arguments, same weights); ``layout`` as ``tiny_layout`` reads it.
 
     ``demo``: VAE of 3 levels (4x downsampling, 4 latent channels, no attention); UNet of 2 levels
     (32, 64 channels), cross attention in the lower level and the mid block; CLIP text encoder of 2
@@ -119,10 +124,8 @@ def build_tiny_components(image_size: int, seed: int = 0, layout: str = "demo") 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if layout not in TINY_LAYOUTS:
-        raise ValueError(f"tiny layout {layout!r} is not known; use one of {', '.join(TINY_LAYOUTS)}.")
+    sd15 = tiny_layout(layout) == "sd15"
     tokenizer = tiny_tokenizer()
-    sd15 = layout == "sd15"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae_levels = (32, 64, 128, 128) if sd15 else (16, 32, 32)
@@ -133,7 +136,7 @@ def build_tiny_components(image_size: int, seed: int = 0, layout: str = "demo") 
             block_out_channels=vae_levels, sample_size=image_size, mid_block_add_attention=sd15,
             scaling_factor=1.0,
         )
-        factor = 2 ** (len(vae_levels) - 1)
+        factor = vae_factor(vae)
         if sd15:
             unet = UNet2DConditionModel(
                 sample_size=image_size // factor, in_channels=4, out_channels=4, layers_per_block=2,

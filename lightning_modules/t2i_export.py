@@ -87,12 +87,12 @@ def build_pipeline(
         merge: fold mergeable methods into plain UNet weights (a stock UNet, no extra modules).
         sampler: sampling scheduler (default: the one the run used, else ``ddim``).
     """
-    from lightning_modules.t2i_components import build_tiny_components, load_components, tiny_layout
+    from lightning_modules.t2i_components import build_tiny_components, load_components
     from lightning_modules.t2i_sampling import make_pipeline
 
     base = read_base(adapter_dir) if adapter_dir is not None else {}
     if pretrained is None and base.get("tiny"):
-        comps = build_tiny_components(int(base["image_size"]), int(base.get("tiny_seed", 0)), tiny_layout(base["tiny"]))
+        comps = build_tiny_components(int(base["image_size"]), int(base.get("tiny_seed", 0)), base["tiny"])
     else:
         source = pretrained or base.get("pretrained")
         if not source:
