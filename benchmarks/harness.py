@@ -114,14 +114,16 @@ def interleaved(
 
 
 def adjacent_ratios(
-    cases: dict[str, Callable[[], Any]], ref: Callable[[], Any], rounds: int, repeats: int = 3, warmup: int = 1
+    cases: dict[str, Callable[[], Any]], ref: Callable[[], Any], rounds: int, repeats: int = 3, warmup: int = 1,
+    ref_runs: Timings | None = None,
 ) -> dict[str, dict[str, float]]:
     """Ratio of each case to ``ref`` with the two run back to back (ref, case, case, ref, ...).
 
     For short runs (an inference batch) whose noise is bursty: each case is compared with the
     reference runs interleaved with its own (the order alternates over repeats and rounds, so
     neither side is always second, also with one repeat; the starting case rotates per round); the
-    result is ``ratio`` of the case's fastest run over the fastest of those reference runs.
+    result is ``ratio`` of the case's fastest run over the fastest of those reference runs. Every
+    timed reference run is also appended to ``ref_runs`` when given.
     """
     names = list(cases)
     for fn in (ref, *cases.values()):
@@ -142,6 +144,9 @@ def adjacent_ratios(
                         fn()
                         runs[kind].wall.append(time.perf_counter() - w0)
                         runs[kind].cpu.append(time.process_time() - c0)
+                if ref_runs is not None:
+                    ref_runs.wall.extend(runs["ref"].wall)
+                    ref_runs.cpu.extend(runs["ref"].cpu)
                 case_t, ref_t = per_round[name]
                 for t, kind in ((case_t, "case"), (ref_t, "ref")):
                     t.wall.append(runs[kind].fastest)

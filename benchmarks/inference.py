@@ -18,11 +18,11 @@ from torch import nn
 from benchmarks.harness import (
     NUM_CLASSES,
     VIT,
+    Timings,
     adjacent_ratios,
     autocast,
     batch,
     classifier,
-    interleaved,
     method,
     precision,
     seconds,
@@ -105,7 +105,8 @@ def infer_ratios(
         if module.peft.mergeable:
             cases[f"merged.{name}"] = Forward(merged_twin(name), x)
     plain_forward = cases.pop("plain")
-    results = adjacent_ratios(cases, plain_forward, rounds=rounds, repeats=repeats)
+    plain_runs = Timings()  # every timed pass of the plain model, beside the cases'
+    results = adjacent_ratios(cases, plain_forward, rounds=rounds, repeats=repeats, ref_runs=plain_runs)
     control = results.pop("control.plain_twin")
     merged: dict[str, dict[str, float]] = {}
     unmerged: dict[str, dict[str, float]] = {}
@@ -114,5 +115,5 @@ def infer_ratios(
         (merged if kind == "merged" else unmerged)[name] = value
     for name in selective & set(merged):  # measured once: the unmerged model is the merged one
         unmerged[name] = merged[name]
-    plain_seconds = seconds(interleaved({"plain": plain_forward}, rounds=3, repeats=5))["plain"]
+    plain_seconds = seconds({"plain": plain_runs})["plain"]
     return merged, unmerged, {"batch": INFER_BATCH, "plain_seconds_per_pass": plain_seconds, "skipped": skipped, "control": control}

@@ -290,9 +290,13 @@ def test_interleaving_rotates_cases_and_ratios_pair_rounds() -> None:
 
 def test_adjacent_ratios_alternate_the_order_with_one_repeat() -> None:
     calls: list[str] = []
-    adjacent_ratios({"x": lambda: calls.append("x")}, lambda: calls.append("ref"), rounds=4, repeats=1, warmup=0)
+    ref_runs = Timings()
+    adjacent_ratios({"x": lambda: calls.append("x")}, lambda: calls.append("ref"), rounds=4, repeats=1, warmup=0,
+                    ref_runs=ref_runs)
     pairs = [tuple(calls[i:i + 2]) for i in range(0, len(calls), 2)]
     assert pairs == [("ref", "x"), ("x", "ref"), ("ref", "x"), ("x", "ref")]
+    assert len(ref_runs.wall) == len(ref_runs.cpu) == 4  # every timed reference run, none of the cases'
+
 
 
 def test_targets_name_existing_configs_and_evaluate_pass_fail(tmp_path: Path) -> None:
@@ -602,16 +606,18 @@ def test_inference_benchmark_reports_unmerged_latency_only_where_measured(monkey
 
     measured: list[str] = []
 
-    def fake_adjacent(cases: dict, ref, rounds: int, repeats: int) -> dict:
+    def fake_adjacent(cases: dict, ref, rounds: int, repeats: int, ref_runs: Timings) -> dict:
         measured.extend(cases)
+        ref_runs.wall.extend([0.5, 0.25])
+        ref_runs.cpu.extend([0.5, 0.25])
         return {name: {"wall": 1.0 + i / 100, "cpu": 1.0 + i / 100} for i, name in enumerate(cases)}
 
     monkeypatch.setattr(inference, "adjacent_ratios", fake_adjacent)
-    monkeypatch.setattr(inference, "interleaved", lambda cases, rounds, repeats=1: {n: Timings([1.0], [1.0]) for n in cases})
     merged, unmerged, details = inference.infer_ratios(("lora", "ssf", "bitfit"), rounds=1, unmerged_names=("lora",))
     assert measured == ["control.plain_twin", "unmerged.lora", "merged.lora", "merged.ssf", "merged.bitfit"]
     assert set(merged) == {"lora", "ssf", "bitfit"} and set(unmerged) == {"lora", "bitfit"}
     assert details["control"] == {"wall": 1.0, "cpu": 1.0}
+    assert details["plain_seconds_per_pass"] == {"wall": 0.25, "cpu": 0.25}  # the fastest reference pass
     assert unmerged["bitfit"] == merged["bitfit"] and unmerged["lora"] != merged["lora"]
 
 
