@@ -82,13 +82,45 @@ class Timings:
         return min(self.cpu)
 
 
+class RoundBudget:
+    """Whether a measurement starts another round: always until ``min_rounds`` are done, then only if
+    it would end (taken as long as the last round) within ``max_seconds`` of the budget's creation.
+
+    ``max_seconds=None``: no limit. On a busy host this keeps a measurement's time bounded by giving
+    up rounds, which the result records, instead of running long.
+    """
+
+    def __init__(self, max_seconds: float | None, min_rounds: int,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        if min_rounds < 1:
+            raise ValueError(f"min_rounds must be at least 1, got {min_rounds}.")
+        self.max_seconds, self.min_rounds, self.clock = max_seconds, min_rounds, clock
+        self.start = clock()
+        self._round_start: float | None = None
+        self._last = 0.0
+
+    def another(self, done: int) -> bool:
+        """Called before each round with the number of rounds done: whether to run it."""
+        now = self.clock()
+        if self._round_start is not None:
+            self._last = now - self._round_start
+        if self.max_seconds is not None and done >= self.min_rounds and now + self._last - self.start > self.max_seconds:
+            return False
+        self._round_start = now
+        return True
+
+
 def interleaved(
-    cases: dict[str, Callable[[], Any]], rounds: int, repeats: int = 1, warmup: int = 1
+    cases: dict[str, Callable[[], Any]], rounds: int, repeats: int = 1, warmup: int = 1,
+    max_seconds: float | None = None, min_rounds: int = 1,
 ) -> dict[str, Timings]:
     """Times every case ``repeats`` times per round (keeping the fastest) for ``rounds`` rounds, cases alternating.
 
+    With ``max_seconds``, rounds after the first ``min_rounds`` run only while they end within that
+    time of the call, warm-up included (``RoundBudget``); every case has as many rounds as the others.
     Garbage collection is paused while timing so that it does not land on one case by chance.
     """
+    budget = RoundBudget(max_seconds, min(min_rounds, rounds))
     names = list(cases)
     for name in names:
         for _ in range(warmup):
@@ -98,6 +130,8 @@ def interleaved(
     gc.disable()
     try:
         for r in range(rounds):
+            if not budget.another(r):
+                break
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
                 wall, cpu = [], []

@@ -59,17 +59,22 @@ def floor_module(backbone: str) -> Any:
     return module
 
 
-def step_ratios(backbone: str, names: tuple[str, ...] | None, rounds: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def step_ratios(
+    backbone: str, names: tuple[str, ...] | None, rounds: int, max_seconds: float | None = None, min_rounds: int = 1
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """``{config: {"wall", "cpu"} step time / full fine-tuning step time}`` and the details behind it.
 
     ``floor`` is the step of ``floor_module``: what no method that trains inside the blocks can beat.
+    ``max_seconds`` / ``min_rounds``: the rounds' time budget (``harness.interleaved``); the details
+    record the rounds run.
     """
     modules, skipped = build_modules(backbone, names)
     images, labels = batch()
     steps = {name: ClassifierStep(m, images, labels) for name, m in modules.items()}
     steps["floor"] = ClassifierStep(floor_module(backbone), images, labels)
-    times = interleaved(steps, rounds=rounds)
+    times = interleaved(steps, rounds=rounds, max_seconds=max_seconds, min_rounds=min_rounds)
     details = {
+        "rounds": len(times["full"].wall),
         "seconds_per_step": seconds(times),
         "paired_median_ratio": {n: paired_median_ratio(t, times["full"]) for n, t in times.items() if n != "full"},
         "trainable_params": {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in modules.items()},

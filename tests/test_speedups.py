@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import (
+    RoundBudget,
     Timings,
     adjacent_ratios,
     interleaved,
@@ -286,6 +287,63 @@ def test_interleaving_rotates_cases_and_ratios_pair_rounds() -> None:
     kept = interleaved({"a": slow_twice_in_three}, rounds=2, repeats=3, warmup=0)
     assert count[0] == 6 and len(kept["a"].wall) == 2
     assert all(t < 0.05 for t in kept["a"].wall), "a round keeps its fastest repeat (the median would sleep)"
+
+
+def test_round_budget_keeps_min_rounds_then_stops_before_a_round_that_would_end_late() -> None:
+    now = [0.0]
+    budget = RoundBudget(max_seconds=100.0, min_rounds=2, clock=lambda: now[0])
+    ran = []
+    for done, round_seconds in enumerate([10.0, 60.0, 20.0, 20.0, 20.0, 20.0]):
+        if not budget.another(done):
+            break
+        ran.append(done)
+        now[0] += round_seconds
+    # rounds 0 and 1 are the minimum (ending at 10 s and 70 s); a third, taken as long as the last
+    # (60 s), would end at 130 s > 100 s: not started, although it would have taken 20 s
+    assert ran == [0, 1]
+    now[0] = 0.0
+    budget = RoundBudget(max_seconds=100.0, min_rounds=1, clock=lambda: now[0])
+    ran = []
+    for done in range(10):
+        if not budget.another(done):
+            break
+        ran.append(done)
+        now[0] += 30.0
+    assert ran == [0, 1, 2]  # a 4th round would end at 120 s
+    assert RoundBudget(None, 1, clock=lambda: 1e9).another(10**6)  # no limit
+    with pytest.raises(ValueError, match="min_rounds must be at least 1"):
+        RoundBudget(10.0, 0)
+
+
+def test_interleaved_gives_every_case_the_same_rounds_under_a_budget() -> None:
+    calls: list[str] = []
+    cases = {c: (lambda c=c: calls.append(c)) for c in "ab"}
+    times = interleaved(cases, rounds=5, warmup=1, max_seconds=0.0, min_rounds=3)  # spent at once: the minimum
+    assert calls == list("ab") + list("ab") + list("ba") + list("ab")
+    assert [len(t.wall) for t in times.values()] == [3, 3]
+    times = interleaved(cases, rounds=5, warmup=0, max_seconds=None, min_rounds=3)
+    assert [len(t.wall) for t in times.values()] == [5, 5]
+    times = interleaved(cases, rounds=2, warmup=0, max_seconds=0.0, min_rounds=4)  # never more than rounds
+    assert [len(t.wall) for t in times.values()] == [2, 2]
+
+
+def test_quick_step_rounds_have_a_time_budget_and_the_full_run_none(monkeypatch) -> None:
+    import benchmarks.__main__ as bench
+    import benchmarks.steps as steps
+
+    calls = []
+
+    def fake_step_ratios(backbone, names, rounds, max_seconds=None, min_rounds=1):
+        calls.append((backbone, names, rounds, max_seconds, min_rounds))
+        return {"lora": {"wall": 0.7, "cpu": 0.7}}, {"adapter_bytes": {"lora": 1}, "rounds": rounds}
+
+    monkeypatch.setattr(steps, "step_ratios", fake_step_ratios)
+    monkeypatch.setattr(steps, "channels_last_ratio", lambda *a, **k: ({"wall": 1.0, "cpu": 1.0}, {}))
+    bench._steps({"quick": True})
+    assert calls == [("vit_small_patch16_224", steps.QUICK, 6, bench.QUICK_STEP_SECONDS, 4)]
+    calls.clear()
+    bench._steps({"quick": False})
+    assert [c[2:] for c in calls] == [(8, None, 1), (4, None, 1)]  # ViT-S and ResNet-50: every round
 
 
 def test_adjacent_ratios_alternate_the_order_with_one_repeat() -> None:
