@@ -53,8 +53,9 @@ def _steps(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     quick = ctx["quick"]
     # --quick: the targets' configs, all on ViT-S; its time goes to rounds, the ratios' only defence
     # against the host's bursts. ResNet-50 and channels_last (no targets) are in the full run. Its
-    # 6 rounds (10 configs, about 30 s a round with the warm-up pass) fit QUICK_STEP_SECONDS on a
-    # host at its usual speed; a busier one gets fewer, at least 4, so that the run stays in 10 min.
+    # 6 rounds (9 configs and the floor, about 30 s a round, plus a warm-up pass) fit
+    # QUICK_STEP_SECONDS on a host at its usual speed; a busier one gets fewer, at least 4, which
+    # helps keep the run within 10 min (the other families have fixed work).
     if quick:
         vit, vit_d = step_ratios(VIT, QUICK, rounds=6, max_seconds=QUICK_STEP_SECONDS, min_rounds=4)
     else:

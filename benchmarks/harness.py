@@ -60,7 +60,8 @@ def autocast() -> contextlib.AbstractContextManager:
 
 @dataclass
 class Timings:
-    """Per-round wall and CPU seconds of one case (each the fastest of that round's repeats)."""
+    """Wall and CPU seconds of one case: per round, each the fastest of that round's repeats (or, where a
+    caller collects them, per single run: ``adjacent_ratios``' ``ref_runs``)."""
 
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
@@ -97,14 +98,15 @@ class RoundBudget:
         self.max_seconds, self.min_rounds, self.clock = max_seconds, min_rounds, clock
         self.start = clock()
         self._round_start: float | None = None
-        self._last = 0.0
+        self._last_round_seconds = 0.0
 
-    def another(self, done: int) -> bool:
+    def allows_round(self, done: int) -> bool:
         """Called before each round with the number of rounds done: whether to run it."""
         now = self.clock()
         if self._round_start is not None:
-            self._last = now - self._round_start
-        if self.max_seconds is not None and done >= self.min_rounds and now + self._last - self.start > self.max_seconds:
+            self._last_round_seconds = now - self._round_start
+        predicted_end = now + self._last_round_seconds - self.start
+        if self.max_seconds is not None and done >= self.min_rounds and predicted_end > self.max_seconds:
             return False
         self._round_start = now
         return True
@@ -116,11 +118,12 @@ def interleaved(
 ) -> dict[str, Timings]:
     """Times every case ``repeats`` times per round (keeping the fastest) for ``rounds`` rounds, cases alternating.
 
-    With ``max_seconds``, rounds after the first ``min_rounds`` run only while they end within that
-    time of the call, warm-up included (``RoundBudget``); every case has as many rounds as the others.
+    With ``max_seconds``, a round after the first ``min_rounds`` runs only if it is predicted (as long
+    as the previous round) to end within that time of the call, warm-up included (``RoundBudget``);
+    every case has as many rounds as the others.
     Garbage collection is paused while timing so that it does not land on one case by chance.
     """
-    budget = RoundBudget(max_seconds, min(min_rounds, rounds))
+    budget = RoundBudget(max_seconds, max(1, min(min_rounds, rounds)))
     names = list(cases)
     for name in names:
         for _ in range(warmup):
@@ -130,7 +133,7 @@ def interleaved(
     gc.disable()
     try:
         for r in range(rounds):
-            if not budget.another(r):
+            if not budget.allows_round(r):
                 break
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:

@@ -105,7 +105,9 @@ def infer_ratios(
         if module.peft.mergeable:
             cases[f"merged.{name}"] = Forward(merged_twin(name), x)
     plain_forward = cases.pop("plain")
-    plain_runs = Timings()  # every timed pass of the plain model, beside the cases'
+    # Every timed pass of the plain model, beside the cases': its fastest is the plain pass's time
+    # (a minimum over rounds x cases x repeats passes; before 2026-12-02 a separate 15 passes).
+    plain_runs = Timings()
     results = adjacent_ratios(cases, plain_forward, rounds=rounds, repeats=repeats, ref_runs=plain_runs)
     control = results.pop("control.plain_twin")
     merged: dict[str, dict[str, float]] = {}

@@ -294,7 +294,7 @@ def test_round_budget_keeps_min_rounds_then_stops_before_a_round_that_would_end_
     budget = RoundBudget(max_seconds=100.0, min_rounds=2, clock=lambda: now[0])
     ran = []
     for done, round_seconds in enumerate([10.0, 60.0, 20.0, 20.0, 20.0, 20.0]):
-        if not budget.another(done):
+        if not budget.allows_round(done):
             break
         ran.append(done)
         now[0] += round_seconds
@@ -305,12 +305,16 @@ def test_round_budget_keeps_min_rounds_then_stops_before_a_round_that_would_end_
     budget = RoundBudget(max_seconds=100.0, min_rounds=1, clock=lambda: now[0])
     ran = []
     for done in range(10):
-        if not budget.another(done):
+        if not budget.allows_round(done):
             break
         ran.append(done)
         now[0] += 30.0
     assert ran == [0, 1, 2]  # a 4th round would end at 120 s
-    assert RoundBudget(None, 1, clock=lambda: 1e9).another(10**6)  # no limit
+    now[0] = 0.0
+    budget = RoundBudget(None, 1, clock=lambda: now[0])
+    for done in range(20):  # no limit: 20 rounds of 30 s, far past any budget
+        assert budget.allows_round(done)
+        now[0] += 30.0
     with pytest.raises(ValueError, match="min_rounds must be at least 1"):
         RoundBudget(10.0, 0)
 
@@ -325,6 +329,18 @@ def test_interleaved_gives_every_case_the_same_rounds_under_a_budget() -> None:
     assert [len(t.wall) for t in times.values()] == [5, 5]
     times = interleaved(cases, rounds=2, warmup=0, max_seconds=0.0, min_rounds=4)  # never more than rounds
     assert [len(t.wall) for t in times.values()] == [2, 2]
+    first = [True]
+
+    def slow_warmup() -> None:  # only its first call, the warm-up, takes time
+        if first[0]:
+            first[0] = False
+            time.sleep(0.05)
+
+    # The warm-up counts: it used the 0.04 s budget, so only the minimum round runs (were the clock
+    # started after it, 5 instant rounds would fit).
+    times = interleaved({"a": slow_warmup}, rounds=5, warmup=1, max_seconds=0.04, min_rounds=1)
+    assert len(times["a"].wall) == 1
+    assert len(interleaved({"a": lambda: None}, rounds=5, warmup=1, max_seconds=30.0, min_rounds=1)["a"].wall) == 5
 
 
 def test_quick_step_rounds_have_a_time_budget_and_the_full_run_none(monkeypatch) -> None:
