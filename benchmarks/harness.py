@@ -60,8 +60,7 @@ def autocast() -> contextlib.AbstractContextManager:
 
 @dataclass
 class Timings:
-    """Wall and CPU seconds of one case: per round, each the fastest of that round's repeats (or, where a
-    caller collects them, per single run: ``adjacent_ratios``' ``ref_runs``)."""
+    """Per-round wall and CPU seconds of one case (each the fastest of that round's repeats)."""
 
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
@@ -152,15 +151,15 @@ def interleaved(
 
 def adjacent_ratios(
     cases: dict[str, Callable[[], Any]], ref: Callable[[], Any], rounds: int, repeats: int = 3, warmup: int = 1,
-    ref_runs: Timings | None = None,
+    ref_rounds: Timings | None = None,
 ) -> dict[str, dict[str, float]]:
     """Ratio of each case to ``ref`` with the two run back to back (ref, case, case, ref, ...).
 
     For short runs (an inference batch) whose noise is bursty: each case is compared with the
     reference runs interleaved with its own (the order alternates over repeats and rounds, so
     neither side is always second, also with one repeat; the starting case rotates per round); the
-    result is ``ratio`` of the case's fastest run over the fastest of those reference runs. Every
-    timed reference run is also appended to ``ref_runs`` when given.
+    result is ``ratio`` of the case's fastest run over the fastest of those reference runs. The
+    reference's fastest run of every case's round is also appended to ``ref_rounds`` when given.
     """
     names = list(cases)
     for fn in (ref, *cases.values()):
@@ -181,11 +180,10 @@ def adjacent_ratios(
                         fn()
                         runs[kind].wall.append(time.perf_counter() - w0)
                         runs[kind].cpu.append(time.process_time() - c0)
-                if ref_runs is not None:
-                    ref_runs.wall.extend(runs["ref"].wall)
-                    ref_runs.cpu.extend(runs["ref"].cpu)
                 case_t, ref_t = per_round[name]
-                for t, kind in ((case_t, "case"), (ref_t, "ref")):
+                for t, kind in ((case_t, "case"), (ref_t, "ref"), (ref_rounds, "ref")):
+                    if t is None:
+                        continue
                     t.wall.append(runs[kind].fastest)
                     t.cpu.append(runs[kind].fastest_cpu)
     finally:

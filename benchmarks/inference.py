@@ -105,10 +105,10 @@ def infer_ratios(
         if module.peft.mergeable:
             cases[f"merged.{name}"] = Forward(merged_twin(name), x)
     plain_forward = cases.pop("plain")
-    # Every timed pass of the plain model, beside the cases': its fastest is the plain pass's time
-    # (a minimum over rounds x cases x repeats passes; before 2026-12-02 a separate 15 passes).
-    plain_runs = Timings()
-    results = adjacent_ratios(cases, plain_forward, rounds=rounds, repeats=repeats, ref_runs=plain_runs)
+    # The plain model's passes beside the cases': their fastest is the plain pass's time (a minimum
+    # over rounds x cases x repeats passes; before 2026-12-02 a separate 15 passes).
+    plain_rounds = Timings()
+    results = adjacent_ratios(cases, plain_forward, rounds=rounds, repeats=repeats, ref_rounds=plain_rounds)
     control = results.pop("control.plain_twin")
     merged: dict[str, dict[str, float]] = {}
     unmerged: dict[str, dict[str, float]] = {}
@@ -117,5 +117,5 @@ def infer_ratios(
         (merged if kind == "merged" else unmerged)[name] = value
     for name in selective & set(merged):  # measured once: the unmerged model is the merged one
         unmerged[name] = merged[name]
-    plain_seconds = seconds({"plain": plain_runs})["plain"]
+    plain_seconds = seconds({"plain": plain_rounds})["plain"]
     return merged, unmerged, {"batch": INFER_BATCH, "plain_seconds_per_pass": plain_seconds, "skipped": skipped, "control": control}

@@ -290,31 +290,21 @@ def test_interleaving_rotates_cases_and_ratios_pair_rounds() -> None:
 
 
 def test_round_budget_keeps_min_rounds_then_stops_before_a_round_that_would_end_late() -> None:
-    now = [0.0]
-    budget = RoundBudget(max_seconds=100.0, min_rounds=2, clock=lambda: now[0])
-    ran = []
-    for done, round_seconds in enumerate([10.0, 60.0, 20.0, 20.0, 20.0, 20.0]):
-        if not budget.allows_round(done):
-            break
-        ran.append(done)
-        now[0] += round_seconds
+    def rounds_run(max_seconds: float | None, min_rounds: int, durations: list[float]) -> int:
+        """How many rounds of these durations (on a fake clock) the budget lets run."""
+        now = [0.0]
+        budget = RoundBudget(max_seconds, min_rounds, clock=lambda: now[0])
+        for done, length in enumerate(durations):
+            if not budget.allows_round(done):
+                return done
+            now[0] += length
+        return len(durations)
+
     # rounds 0 and 1 are the minimum (ending at 10 s and 70 s); a third, taken as long as the last
     # (60 s), would end at 130 s > 100 s: not started, although it would have taken 20 s
-    assert ran == [0, 1]
-    now[0] = 0.0
-    budget = RoundBudget(max_seconds=100.0, min_rounds=1, clock=lambda: now[0])
-    ran = []
-    for done in range(10):
-        if not budget.allows_round(done):
-            break
-        ran.append(done)
-        now[0] += 30.0
-    assert ran == [0, 1, 2]  # a 4th round would end at 120 s
-    now[0] = 0.0
-    budget = RoundBudget(None, 1, clock=lambda: now[0])
-    for done in range(20):  # no limit: 20 rounds of 30 s, far past any budget
-        assert budget.allows_round(done)
-        now[0] += 30.0
+    assert rounds_run(100.0, 2, [10.0, 60.0, 20.0, 20.0, 20.0, 20.0]) == 2
+    assert rounds_run(100.0, 1, [30.0] * 10) == 3  # a 4th round would end at 120 s
+    assert rounds_run(None, 1, [30.0] * 20) == 20  # no limit: far past any budget
     with pytest.raises(ValueError, match="min_rounds must be at least 1"):
         RoundBudget(10.0, 0)
 
@@ -364,13 +354,17 @@ def test_quick_step_rounds_have_a_time_budget_and_the_full_run_none(monkeypatch)
 
 def test_adjacent_ratios_alternate_the_order_with_one_repeat() -> None:
     calls: list[str] = []
-    ref_runs = Timings()
+    ref_rounds = Timings()
     adjacent_ratios({"x": lambda: calls.append("x")}, lambda: calls.append("ref"), rounds=4, repeats=1, warmup=0,
-                    ref_runs=ref_runs)
+                    ref_rounds=ref_rounds)
     pairs = [tuple(calls[i:i + 2]) for i in range(0, len(calls), 2)]
     assert pairs == [("ref", "x"), ("x", "ref"), ("ref", "x"), ("x", "ref")]
-    assert len(ref_runs.wall) == len(ref_runs.cpu) == 4  # every timed reference run, none of the cases'
-
+    assert len(ref_rounds.wall) == len(ref_rounds.cpu) == 4  # the reference's fastest run of each round
+    calls.clear()
+    ref_rounds = Timings()
+    adjacent_ratios({"x": lambda: None, "y": lambda: None}, lambda: None, rounds=3, repeats=2, warmup=0,
+                    ref_rounds=ref_rounds)
+    assert len(ref_rounds.wall) == 6  # one per case and round, not one per repeat
 
 
 def test_targets_name_existing_configs_and_evaluate_pass_fail(tmp_path: Path) -> None:
@@ -680,10 +674,10 @@ def test_inference_benchmark_reports_unmerged_latency_only_where_measured(monkey
 
     measured: list[str] = []
 
-    def fake_adjacent(cases: dict, ref, rounds: int, repeats: int, ref_runs: Timings) -> dict:
+    def fake_adjacent(cases: dict, ref, rounds: int, repeats: int, ref_rounds: Timings) -> dict:
         measured.extend(cases)
-        ref_runs.wall.extend([0.5, 0.25])
-        ref_runs.cpu.extend([0.5, 0.25])
+        ref_rounds.wall.extend([0.5, 0.25])
+        ref_rounds.cpu.extend([0.5, 0.25])
         return {name: {"wall": 1.0 + i / 100, "cpu": 1.0 + i / 100} for i, name in enumerate(cases)}
 
     monkeypatch.setattr(inference, "adjacent_ratios", fake_adjacent)
