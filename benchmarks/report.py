@@ -35,8 +35,7 @@ TARGETS: tuple[Target, ...] = (
 #: cost that the speed-up cannot remove (see the README's Performance section for the measurements).
 LIMITS: dict[str, str] = {
     "step_ratio.lora": "the floor (step_ratio.floor: input gradients through every block) plus the rank-8 "
-                       "products of q and v; under bf16 autocast the per-slice modules run instead of the "
-                       "fused q/k/v GEMM",
+                       "products of q and v, fused into the frozen q/k/v GEMM",
     "step_ratio.ssf": "the floor (step_ratio.floor) plus, per folded layer, the weight-sized scaling and the "
                       "per-channel reductions of the scale and shift gradients; the patch embedding's SSF "
                       "stays a per-channel pass over its output",

@@ -21,7 +21,7 @@ from torch import nn
 
 from peft_methods._vit import embed_dim, reference_param, set_module, vit_blocks, vit_blocks_reason
 from peft_methods.base import PeftMethod, freeze, unfreeze_head
-from peft_methods.qkv_split import fusable, fusable_linear, low_rank_linear
+from peft_methods.qkv_split import fusable, fusable_linear, fused_dtype, low_rank_linear
 
 FacTKind = Literal["tt", "tk"]
 _DEFAULT_RANK = {"tt": 8, "tk": 32}
@@ -97,7 +97,7 @@ class FacTLinear(nn.Module):
         base = self.base_layer
         if (
             self.fast_path and type(base) is nn.Linear and fusable_linear(base) and fusable(x)
-            and x.dtype == base.weight.dtype == f.u.dtype
+            and fused_dtype(x, base.weight, base.bias, f.u, f.v) is not None
         ):
             # One base GEMM; the r -> d product accumulates into its output (alpha = scale); in
             # backward the input gradients of both terms accumulate into one buffer.

@@ -10,7 +10,9 @@ add, and in backward one input-gradient GEMM per branch plus their sum). ``low_r
 ``x W^T + b + alpha * dropout(x A^T) B^T`` as one fused GEMM for the frozen base whose output the
 rank-r product accumulates into (``addmm_``), and in backward one input-gradient GEMM the rank-r
 term accumulates into; it saves only ``x`` and rank-r tensors for backward. ``QKVSplit`` uses it for
-the plain (unmerged, enabled, vanilla) peft LoRA state and runs the modules otherwise.
+the plain (unmerged, enabled, vanilla) peft LoRA state and runs the modules otherwise. Under
+autocast the fused computation runs in the autocast dtype, as the module path's Linear layers would
+(``fused_dtype``): its inputs are cast to it and the output is in it.
 """
 
 from __future__ import annotations
@@ -96,8 +98,34 @@ def low_rank_linear(
 
     ``a``: (chunks r, in), ``b``: (out / chunks, r). Dropout (``F.dropout``'s mask) acts on the
     code ``x A^T``. Gradients flow to every input that requires them.
+    Under autocast on ``x``'s device every operand is cast to the autocast dtype first (the casts of
+    ``a`` and ``b`` are differentiable, so their gradients come back in their own dtype) and the
+    product runs in that dtype with autocast off, like an autocast ``F.linear``; ``fused_dtype`` says
+    whether the operands qualify.
     """
-    return _LowRankLinear.apply(x, weight, bias, a, b, float(alpha), chunks, float(dropout), bool(training))
+    args = (float(alpha), chunks, float(dropout), bool(training))
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return _LowRankLinear.apply(x, weight, bias, a, b, *args)
+    dtype = torch.get_autocast_dtype(device)
+    x, weight, a, b = (t.to(dtype) for t in (x, weight, a, b))
+    bias = None if bias is None else bias.to(dtype)
+    with torch.autocast(device, enabled=False):
+        return _LowRankLinear.apply(x, weight, bias, a, b, *args)
+
+
+def fused_dtype(x: torch.Tensor, *tensors: torch.Tensor | None) -> torch.dtype | None:
+    """The dtype ``low_rank_linear`` computes in for input ``x`` and these operands, or None (module path).
+
+    Without autocast: ``x``'s dtype, if every operand has it. Under autocast on ``x``'s device: the
+    autocast dtype, if every operand is fp32 or already in it (what autocast casts for a Linear).
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        castable = (torch.float32, dtype)
+        return dtype if all(t.dtype in castable for t in (x, *tensors) if t is not None) else None
+    return x.dtype if all(t.dtype == x.dtype for t in tensors if t is not None) else None
 
 
 def hooked(module: nn.Module) -> bool:
@@ -107,9 +135,10 @@ def hooked(module: nn.Module) -> bool:
 
 
 def fusable(x: torch.Tensor) -> bool:
-    """Whether a fused computation may stand in for calling modules on ``x``: no autocast, no global hooks."""
-    if torch.is_autocast_enabled(x.device.type):
-        return False
+    """Whether a fused computation may stand in for calling modules on ``x``: no global module hooks.
+
+    The operands' dtypes are checked by ``fused_dtype``.
+    """
     return not (_module._global_forward_hooks or _module._global_forward_pre_hooks
                 or _module._global_backward_hooks or _module._global_backward_pre_hooks)
 
@@ -220,7 +249,9 @@ class QKVSplit(nn.Module):
         if any(s is None for s in slices):
             return None
         bases = [s[0] for s in slices]
-        if any(bs.weight.dtype != x.dtype or bs.weight.device != x.device for bs in bases):
+        if fused_dtype(x, *(t for bs in bases for t in (bs.weight, bs.bias))) is None or any(
+            bs.weight.device != x.device for bs in bases
+        ):
             return None
         if any((bs.bias is None) != (bases[0].bias is None) for bs in bases):
             return None
