@@ -42,8 +42,11 @@ def _flat(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
     return {f"{prefix}.{k}": v for k, v in values.items()}
 
 
-#: Time budget of ``--quick``'s step rounds, warm-up included (``harness.RoundBudget``).
+#: Time budgets of ``--quick``'s step and inference rounds, warm-up included (``harness.RoundBudget``).
 QUICK_STEP_SECONDS = 225.0
+QUICK_INFER_SECONDS = 100.0
+#: ``--quick``'s most rounds: reached on a fast host, where they fit the budgets.
+QUICK_MAX_ROUNDS = 16
 
 
 def _steps(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -52,12 +55,13 @@ def _steps(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 
     quick = ctx["quick"]
     # --quick: the targets' configs, all on ViT-S; its time goes to rounds, the ratios' only defence
-    # against the host's bursts. ResNet-50 and channels_last (no targets) are in the full run. Its
-    # 6 rounds (9 configs and the floor, about 30 s a round, plus a warm-up pass) fit
-    # QUICK_STEP_SECONDS on a host at its usual speed; a busier one gets fewer, at least 4, which
-    # helps keep the run within 10 min (the other families have fixed work).
+    # against the host's bursts. ResNet-50 and channels_last (no targets) are in the full run. As
+    # many rounds as fit QUICK_STEP_SECONDS, up to QUICK_MAX_ROUNDS: on an AVX2 host in fp32 (9
+    # configs and the floor, about 30 s a round, plus a warm-up pass) that is 6; a busier one gets
+    # fewer, at least 4, which helps keep the run within 10 min (the other families have fixed
+    # work); a host with native bf16 (about 6-8 s a round) runs all 16.
     if quick:
-        vit, vit_d = step_ratios(VIT, QUICK, rounds=6, max_seconds=QUICK_STEP_SECONDS, min_rounds=4)
+        vit, vit_d = step_ratios(VIT, QUICK, rounds=QUICK_MAX_ROUNDS, max_seconds=QUICK_STEP_SECONDS, min_rounds=4)
     else:
         vit, vit_d = step_ratios(VIT, None, rounds=8)
     adapters = vit_d.pop("adapter_bytes")
@@ -77,8 +81,13 @@ def _inference(ctx: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 
     names = QUICK if ctx["quick"] else tuple(peft_configs())
     quick = ctx["quick"]  # quick: unmerged latency of LoRA only (no target; every config in the full run)
-    merged, unmerged, details = infer_ratios(names, rounds=6, repeats=4 if quick else 5,
-                                             unmerged_names=("lora",) if quick else None)
+    # --quick: at least the 6 rounds that take 90-110 s on an AVX2 host in fp32, more (up to
+    # QUICK_MAX_ROUNDS) where they fit QUICK_INFER_SECONDS.
+    if quick:
+        merged, unmerged, details = infer_ratios(names, rounds=QUICK_MAX_ROUNDS, repeats=4, unmerged_names=("lora",),
+                                                 max_seconds=QUICK_INFER_SECONDS, min_rounds=6)
+    else:
+        merged, unmerged, details = infer_ratios(names, rounds=6, repeats=5)
     control = details.pop("control")  # two identical plain models: what a ratio of exactly 1 measures as
     return ({**_flat("merged_infer_ratio", merged), **_flat("unmerged_infer_ratio", unmerged),
              "infer_control_ratio": control}, {"infer": details})

@@ -151,7 +151,7 @@ def interleaved(
 
 def adjacent_ratios(
     cases: dict[str, Callable[[], Any]], ref: Callable[[], Any], rounds: int, repeats: int = 3, warmup: int = 1,
-    ref_rounds: Timings | None = None,
+    ref_rounds: Timings | None = None, max_seconds: float | None = None, min_rounds: int = 1,
 ) -> dict[str, dict[str, float]]:
     """Ratio of each case to ``ref`` with the two run back to back (ref, case, case, ref, ...).
 
@@ -160,7 +160,9 @@ def adjacent_ratios(
     neither side is always second, also with one repeat; the starting case rotates per round); the
     result is ``ratio`` of the case's fastest run over the fastest of those reference runs. The
     reference's fastest run of every case's round is also appended to ``ref_rounds`` when given.
+    ``max_seconds`` / ``min_rounds``: the rounds' time budget, warm-up included, as in ``interleaved``.
     """
+    budget = RoundBudget(max_seconds, max(1, min(min_rounds, rounds)))
     names = list(cases)
     for fn in (ref, *cases.values()):
         for _ in range(warmup):
@@ -170,6 +172,8 @@ def adjacent_ratios(
     gc.disable()
     try:
         for r in range(rounds):
+            if not budget.allows_round(r):
+                break
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
                 runs = {"ref": Timings(), "case": Timings()}

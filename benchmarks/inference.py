@@ -67,14 +67,16 @@ def merged_twin(name: str) -> nn.Module:
 
 
 def infer_ratios(
-    names: tuple[str, ...], rounds: int, repeats: int = 2, unmerged_names: tuple[str, ...] | None = None
+    names: tuple[str, ...], rounds: int, repeats: int = 2, unmerged_names: tuple[str, ...] | None = None,
+    max_seconds: float | None = None, min_rounds: int = 1,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(merged / plain, unmerged / plain, details) for ViT-S configs; merged only for mergeable methods,
     unmerged only for ``unmerged_names`` (None: every config). ``details["control"]``: a second plain
     model with the same weights / the plain model, measured alongside (the run's noise on a ratio of 1).
 
     Selective methods (BitFit, NormTuning, LinearProbe...) add no modules: their model is plain
-    before and after merging and is measured once.
+    before and after merging and is measured once. ``max_seconds`` / ``min_rounds``: the rounds' time
+    budget (``harness.adjacent_ratios``); the details record the rounds run.
     """
     images, _ = batch(size=INFER_BATCH)
     plain_module = classifier(VIT, method("full"))
@@ -108,7 +110,8 @@ def infer_ratios(
     # The plain model's passes beside the cases': their fastest is the plain pass's time (a minimum
     # over rounds x cases x repeats passes; before 2026-12-02 a separate 15 passes).
     plain_rounds = Timings()
-    results = adjacent_ratios(cases, plain_forward, rounds=rounds, repeats=repeats, ref_rounds=plain_rounds)
+    results = adjacent_ratios(cases, plain_forward, rounds=rounds, repeats=repeats, ref_rounds=plain_rounds,
+                              max_seconds=max_seconds, min_rounds=min_rounds)
     control = results.pop("control.plain_twin")
     merged: dict[str, dict[str, float]] = {}
     unmerged: dict[str, dict[str, float]] = {}
@@ -118,4 +121,6 @@ def infer_ratios(
     for name in selective & set(merged):  # measured once: the unmerged model is the merged one
         unmerged[name] = merged[name]
     plain_seconds = seconds({"plain": plain_rounds})["plain"]
-    return merged, unmerged, {"batch": INFER_BATCH, "plain_seconds_per_pass": plain_seconds, "skipped": skipped, "control": control}
+    details = {"batch": INFER_BATCH, "rounds": len(plain_rounds.wall) // len(cases),
+               "plain_seconds_per_pass": plain_seconds, "skipped": skipped, "control": control}
+    return merged, unmerged, details

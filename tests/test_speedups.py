@@ -346,10 +346,26 @@ def test_quick_step_rounds_have_a_time_budget_and_the_full_run_none(monkeypatch)
     monkeypatch.setattr(steps, "step_ratios", fake_step_ratios)
     monkeypatch.setattr(steps, "channels_last_ratio", lambda *a, **k: ({"wall": 1.0, "cpu": 1.0}, {}))
     bench._steps({"quick": True})
-    assert calls == [("vit_small_patch16_224", steps.QUICK, 6, bench.QUICK_STEP_SECONDS, 4)]
+    assert calls == [("vit_small_patch16_224", steps.QUICK, bench.QUICK_MAX_ROUNDS, bench.QUICK_STEP_SECONDS, 4)]
     calls.clear()
     bench._steps({"quick": False})
     assert [c[2:] for c in calls] == [(8, None, 1), (4, None, 1)]  # ViT-S and ResNet-50: every round
+
+
+def test_quick_inference_rounds_have_a_time_budget_and_the_full_run_none(monkeypatch) -> None:
+    import benchmarks.__main__ as bench
+    import benchmarks.inference as inference
+
+    calls = []
+
+    def fake_infer_ratios(names, rounds, repeats=2, unmerged_names=None, max_seconds=None, min_rounds=1):
+        calls.append((rounds, repeats, max_seconds, min_rounds))
+        return {}, {}, {"control": {"wall": 1.0, "cpu": 1.0}}
+
+    monkeypatch.setattr(inference, "infer_ratios", fake_infer_ratios)
+    bench._inference({"quick": True})
+    bench._inference({"quick": False})
+    assert calls == [(bench.QUICK_MAX_ROUNDS, 4, bench.QUICK_INFER_SECONDS, 6), (6, 5, None, 1)]
 
 
 def test_adjacent_ratios_alternate_the_order_with_one_repeat() -> None:
@@ -365,6 +381,11 @@ def test_adjacent_ratios_alternate_the_order_with_one_repeat() -> None:
     adjacent_ratios({"x": lambda: None, "y": lambda: None}, lambda: None, rounds=3, repeats=2, warmup=0,
                     ref_rounds=ref_rounds)
     assert len(ref_rounds.wall) == 6  # one per case and round, not one per repeat
+    calls.clear()
+    ref_rounds = Timings()
+    adjacent_ratios({"x": lambda: calls.append("x")}, lambda: calls.append("ref"), rounds=5, repeats=1, warmup=1,
+                    ref_rounds=ref_rounds, max_seconds=0.0, min_rounds=2)  # the budget spent at once
+    assert len(ref_rounds.wall) == 2 and calls.count("x") == 1 + 2  # the warm-up and the minimum rounds
 
 
 def test_targets_name_existing_configs_and_evaluate_pass_fail(tmp_path: Path) -> None:
@@ -717,10 +738,11 @@ def test_inference_benchmark_reports_unmerged_latency_only_where_measured(monkey
 
     measured: list[str] = []
 
-    def fake_adjacent(cases: dict, ref, rounds: int, repeats: int, ref_rounds: Timings) -> dict:
+    def fake_adjacent(cases: dict, ref, rounds: int, repeats: int, ref_rounds: Timings, max_seconds, min_rounds) -> dict:
         measured.extend(cases)
-        ref_rounds.wall.extend([0.5, 0.25])
-        ref_rounds.cpu.extend([0.5, 0.25])
+        times = [0.5] * (2 * len(cases) - 1) + [0.25]  # two rounds of every case
+        ref_rounds.wall.extend(times)
+        ref_rounds.cpu.extend(times)
         return {name: {"wall": 1.0 + i / 100, "cpu": 1.0 + i / 100} for i, name in enumerate(cases)}
 
     monkeypatch.setattr(inference, "adjacent_ratios", fake_adjacent)
@@ -729,6 +751,7 @@ def test_inference_benchmark_reports_unmerged_latency_only_where_measured(monkey
     assert set(merged) == {"lora", "ssf", "bitfit"} and set(unmerged) == {"lora", "bitfit"}
     assert details["control"] == {"wall": 1.0, "cpu": 1.0}
     assert details["plain_seconds_per_pass"] == {"wall": 0.25, "cpu": 0.25}  # the fastest reference pass
+    assert details["rounds"] == 2
     assert unmerged["bitfit"] == merged["bitfit"] and unmerged["lora"] != merged["lora"]
 
 
