@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from benchmarks.harness import (
     VIT,
+    RoundBudget,
     Timings,
     autocast,
     batch,
@@ -76,10 +77,15 @@ class PlainLoop:
 class _Interleave(L.Callback):
     """Stamps every Trainer step's start; after each Trainer step, runs and times one plain step."""
 
-    def __init__(self, plain: PlainLoop, batches: Batches) -> None:
+    def __init__(self, plain: PlainLoop, batches: Batches, max_seconds: float | None = None, min_steps: int = 1) -> None:
         self.plain, self.batches = plain, batches
+        self.max_seconds, self.min_steps = max_seconds, min_steps
+        self.budget: RoundBudget | None = None
         self.starts: list[tuple[float, float]] = []
         self.plain_times: list[tuple[float, float]] = []
+
+    def on_train_start(self, *args: Any) -> None:
+        self.budget = RoundBudget(self.max_seconds, self.min_steps)
 
     def on_train_batch_start(self, *args: Any) -> None:
         self.starts.append(now())
@@ -89,6 +95,9 @@ class _Interleave(L.Callback):
         self.plain.step(self.batches.batches[batch_idx])
         w1, c1 = now()
         self.plain_times.append((w1 - w0, c1 - c0))
+        # Another pair of steps only if it would end within the budget (the fit stops after this step).
+        if self.budget is not None and not self.budget.allows_round(len(self.plain_times)):
+            trainer.should_stop = True
 
     def timings(self, warmup: int) -> tuple[Timings, Timings]:
         """(Trainer, plain) per-step times: start-to-start minus the plain step run in between."""
@@ -103,15 +112,22 @@ class _Interleave(L.Callback):
         return trainer, plain
 
 
-def lightning_overhead(config: str, steps: int = 10, warmup: int = 2) -> tuple[dict[str, float], dict[str, Any]]:
-    """Trainer step time / plain-loop step time (fastest of the interleaved steps of each), ViT-S."""
+def lightning_overhead(
+    config: str, steps: int = 10, warmup: int = 2, max_seconds: float | None = None, min_steps: int = 1
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Trainer step time / plain-loop step time (fastest of the interleaved steps of each), ViT-S.
+
+    ``max_seconds`` / ``min_steps``: after ``min_steps`` pairs of steps (warm-up included), another
+    pair runs only if it would end (as long as the last pair) within ``max_seconds`` of the fit's
+    start (``harness.RoundBudget``); at most ``steps``. The details record the steps measured.
+    """
     items = []
     for i in range(steps):
         images, labels = batch(seed=i)
         items.append({"image": images, "label": labels, "id": [f"{i}_{j}" for j in range(len(labels))]})
     batches = Batches(items)
     module = classifier(VIT, method(config), lr_scheduler=None)  # one module: no instance gets luckier memory
-    clock = _Interleave(PlainLoop(module, steps), batches)
+    clock = _Interleave(PlainLoop(module, steps), batches, max_seconds, min(min_steps, steps))
     with tempfile.TemporaryDirectory() as root:  # the run's fit summary lands here, not in the cwd
         trainer = L.Trainer(
             accelerator="cpu", devices=1, precision=precision(), max_steps=steps, max_epochs=1,

@@ -368,6 +368,33 @@ def test_quick_inference_rounds_have_a_time_budget_and_the_full_run_none(monkeyp
     assert calls == [(bench.QUICK_MAX_ROUNDS, 4, bench.QUICK_INFER_SECONDS, 6), (6, 5, None, 1)]
 
 
+def test_lightning_overhead_stops_the_fit_when_its_step_budget_is_spent(monkeypatch) -> None:
+    """The interleaving callback asks the Trainer to stop once the minimum steps are done and the
+    budget is spent, never before; without a budget it never does. ``--quick`` passes a budget."""
+    from types import SimpleNamespace
+
+    import benchmarks.__main__ as bench
+    from benchmarks import lightning_loop
+
+    plain = SimpleNamespace(step=lambda b: None)
+    batches = lightning_loop.Batches([{}] * 5)
+    for max_seconds, stops_after in ((0.0, 3), (None, None)):
+        clock = lightning_loop._Interleave(plain, batches, max_seconds=max_seconds, min_steps=3)
+        trainer = SimpleNamespace(should_stop=False)
+        clock.on_train_start(trainer, None)
+        stopped = None
+        for i in range(5):
+            clock.on_train_batch_start(trainer, None, {}, i)
+            clock.on_train_batch_end(trainer, None, None, {}, i)
+            if trainer.should_stop and stopped is None:
+                stopped = i + 1
+        assert stopped == stops_after
+    calls = []
+    monkeypatch.setattr(lightning_loop, "lightning_overhead", lambda config, **kw: calls.append(kw) or (1.0, {}))
+    bench._lightning({"quick": True}), bench._lightning({"quick": False})
+    assert calls == [{"steps": 24, "max_seconds": bench.QUICK_LIGHTNING_SECONDS, "min_steps": 6}, {"steps": 16}]
+
+
 def test_adjacent_ratios_alternate_the_order_with_one_repeat() -> None:
     calls: list[str] = []
     ref_rounds = Timings()
