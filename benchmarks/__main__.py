@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     partial = "" if final["complete"] else f" (of the families that ran: {', '.join(f for f in done if f not in final['failed_families'])})"
     print(f"\n{sum(r['pass'] for r in checks)}/{len(checks)} targets met{partial}; "
           f"{final['settings']['total_seconds']} s on {final['machine']['cores']} cores "
-          f"({final['machine']['cpu']}), torch threads {args.threads}, {args.clock} clock, "
+          f"({final['machine']['cpu']}{cpu_id(final['machine'])}), torch threads {args.threads}, {args.clock} clock, "
           f"{final['settings']['precision']}.")
     if args.json is not None:
         _write(args.json, final)
@@ -257,6 +257,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if failed:
         raise SystemExit(f"benchmark families failed: {', '.join(f'{k} ({v})' for k, v in failed.items())}.")
     return final
+
+
+def cpu_id(machine: dict) -> str:
+    """`` family F model M, AVX512 + native bf16`` for the summary line (what tells hosts apart)."""
+    family, _, model = str(machine.get("cpu_family_model") or "").partition("/")
+    parts = [f"family {family} model {model}"] if model else []
+    isa = machine.get("isa")
+    if isa:
+        parts.append(isa + (" + native bf16" if machine.get("native_bf16") else ""))
+    return "".join(", " + p for p in parts)
 
 
 def _write(path: Path, report: dict[str, Any]) -> None:

@@ -226,23 +226,34 @@ def now() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
+def cpu_identity(cpuinfo: str) -> tuple[str | None, str | None]:
+    """(model name, "family/model") of the first processor in a ``/proc/cpuinfo`` text.
+
+    On a VM the model name can be the vendor's alone ("AMD EPYC"); family and model tell hosts apart.
+    """
+    first = cpuinfo.split("\n\n", 1)[0]
+    info = {}
+    for line in first.splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    family = f"{info['cpu family']}/{info['model']}" if "cpu family" in info and "model" in info else None
+    return info.get("model name"), family
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     from datamodules.base import usable_cores
     from lightning_modules.precision import cpu_has_native_bf16
 
     cores = usable_cores()
-    cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        cpu, family = cpu_identity(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
+        cpu, family = None, None
+    cpu = cpu or platform.processor() or platform.machine()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {
-        "cpu": cpu, "cores": cores, "torch_threads": torch.get_num_threads(), "load_avg_1min": load,
+        "cpu": cpu, "cpu_family_model": family, "cores": cores, "torch_threads": torch.get_num_threads(), "load_avg_1min": load,
         "isa": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16(),
         "torch": torch.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),

@@ -758,6 +758,20 @@ def test_a_failing_benchmark_family_keeps_the_others_results(tmp_path: Path, mon
     assert printed.rstrip().endswith("incomplete run: families done ['broken', 'fine'], failed ['broken'].")
 
 
+def test_machine_record_tells_apart_hosts_whose_model_name_is_the_vendors_alone() -> None:
+    """Two VMs both named "AMD EPYC": the record keeps the first processor's family / model and the summary names them."""
+    from benchmarks.__main__ import cpu_id
+    from benchmarks.harness import cpu_identity
+
+    zen4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+    zen5 = zen4.replace(": 25", ": 26").replace(": 17", ": 2")
+    assert cpu_identity(zen4 + "\n" + zen5) == ("AMD EPYC", "25/17")
+    assert cpu_identity(zen5) == ("AMD EPYC", "26/2")
+    assert cpu_identity("processor\t: 0\nmodel name\t: Apple M2\n") == ("Apple M2", None)
+    assert cpu_id({"cpu_family_model": "25/17", "isa": "AVX512", "native_bf16": True}) == ", family 25 model 17, AVX512 + native bf16"
+    assert cpu_id({"cpu_family_model": None, "isa": "AVX2", "native_bf16": False}) == ", AVX2"
+
+
 def test_inference_benchmark_reports_unmerged_latency_only_where_measured(monkeypatch) -> None:
     """Quick mode measures unmerged latency for LoRA only: SSF gets no unmerged value (not its merged one);
     a selective method (BitFit) is plain either way and gets its one measurement for both."""
