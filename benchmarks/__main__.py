@@ -261,8 +261,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def cpu_id(machine: dict) -> str:
     """`` family F model M, AVX512 + native bf16`` for the summary line (what tells hosts apart)."""
-    family, _, model = str(machine.get("cpu_family_model") or "").partition("/")
-    parts = [f"family {family} model {model}"] if model else []
+    family, model = machine.get("cpu_family"), machine.get("cpu_model")
+    parts = [f"family {family} model {model}"] if family and model else []
     isa = machine.get("isa")
     if isa:
         parts.append(isa + (" + native bf16" if machine.get("native_bf16") else ""))

@@ -226,18 +226,16 @@ def now() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def cpu_identity(cpuinfo: str) -> tuple[str | None, str | None]:
-    """(model name, "family/model") of the first processor in a ``/proc/cpuinfo`` text.
+def cpu_identity(cpuinfo: str) -> dict[str, str | None]:
+    """``{"cpu", "cpu_family", "cpu_model"}`` of the first processor in a ``/proc/cpuinfo`` text.
 
     On a VM the model name can be the vendor's alone ("AMD EPYC"); family and model tell hosts apart.
     """
-    first = cpuinfo.split("\n\n", 1)[0]
-    info = {}
-    for line in first.splitlines():
+    info: dict[str, str] = {}
+    for line in cpuinfo.split("\n\n", 1)[0].splitlines():
         key, _, value = line.partition(":")
         info.setdefault(key.strip(), value.strip())
-    family = f"{info['cpu family']}/{info['model']}" if "cpu family" in info and "model" in info else None
-    return info.get("model name"), family
+    return {"cpu": info.get("model name"), "cpu_family": info.get("cpu family"), "cpu_model": info.get("model")}
 
 
 def machine() -> dict[str, Any]:
@@ -247,13 +245,13 @@ def machine() -> dict[str, Any]:
 
     cores = usable_cores()
     try:
-        cpu, family = cpu_identity(Path("/proc/cpuinfo").read_text())
+        identity = cpu_identity(Path("/proc/cpuinfo").read_text())
     except OSError:
-        cpu, family = None, None
-    cpu = cpu or platform.processor() or platform.machine()
+        identity = {"cpu": None, "cpu_family": None, "cpu_model": None}
+    identity["cpu"] = identity["cpu"] or platform.processor() or platform.machine()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {
-        "cpu": cpu, "cpu_family_model": family, "cores": cores, "torch_threads": torch.get_num_threads(), "load_avg_1min": load,
+        **identity, "cores": cores, "torch_threads": torch.get_num_threads(), "load_avg_1min": load,
         "isa": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16(),
         "torch": torch.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),

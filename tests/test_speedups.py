@@ -765,11 +765,11 @@ def test_machine_record_tells_apart_hosts_whose_model_name_is_the_vendors_alone(
 
     zen4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
     zen5 = zen4.replace(": 25", ": 26").replace(": 17", ": 2")
-    assert cpu_identity(zen4 + "\n" + zen5) == ("AMD EPYC", "25/17")
-    assert cpu_identity(zen5) == ("AMD EPYC", "26/2")
-    assert cpu_identity("processor\t: 0\nmodel name\t: Apple M2\n") == ("Apple M2", None)
-    assert cpu_id({"cpu_family_model": "25/17", "isa": "AVX512", "native_bf16": True}) == ", family 25 model 17, AVX512 + native bf16"
-    assert cpu_id({"cpu_family_model": None, "isa": "AVX2", "native_bf16": False}) == ", AVX2"
+    assert cpu_identity(zen4 + "\n" + zen5) == {"cpu": "AMD EPYC", "cpu_family": "25", "cpu_model": "17"}
+    assert cpu_identity(zen5) == {"cpu": "AMD EPYC", "cpu_family": "26", "cpu_model": "2"}
+    assert cpu_identity("processor\t: 0\nmodel name\t: Apple M2\n") == {"cpu": "Apple M2", "cpu_family": None, "cpu_model": None}
+    assert cpu_id({"cpu_family": "25", "cpu_model": "17", "isa": "AVX512", "native_bf16": True}) == ", family 25 model 17, AVX512 + native bf16"
+    assert cpu_id({"cpu_family": None, "cpu_model": None, "isa": "AVX2", "native_bf16": False}) == ", AVX2"
 
 
 def test_inference_benchmark_reports_unmerged_latency_only_where_measured(monkeypatch) -> None:
