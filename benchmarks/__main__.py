@@ -260,12 +260,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def cpu_id(machine: dict) -> str:
-    """`` family F model M, AVX512 + native bf16`` for the summary line (what tells hosts apart)."""
+    """`` family F model M, AVX512 + AMX + native bf16`` for the summary line (what tells hosts apart)."""
     family, model = machine.get("cpu_family"), machine.get("cpu_model")
     parts = [f"family {family} model {model}"] if family and model else []
     isa = machine.get("isa")
     if isa:
-        parts.append(isa + (" + native bf16" if machine.get("native_bf16") else ""))
+        parts.append(isa + (" + AMX" if machine.get("amx") else "") + (" + native bf16" if machine.get("native_bf16") else ""))
     return "".join(", " + p for p in parts)
 
 

@@ -770,6 +770,8 @@ def test_machine_record_tells_apart_hosts_whose_model_name_is_the_vendors_alone(
     assert cpu_identity("processor\t: 0\nmodel name\t: Apple M2\n") == {"cpu": "Apple M2", "cpu_family": None, "cpu_model": None}
     assert cpu_id({"cpu_family": "25", "cpu_model": "17", "isa": "AVX512", "native_bf16": True}) == ", family 25 model 17, AVX512 + native bf16"
     assert cpu_id({"cpu_family": None, "cpu_model": None, "isa": "AVX2", "native_bf16": False}) == ", AVX2"
+    amx = {"cpu_family": "6", "cpu_model": "167", "isa": "AVX512", "amx": True, "native_bf16": True}
+    assert cpu_id(amx) == ", family 6 model 167, AVX512 + AMX + native bf16"
 
 
 def test_inference_benchmark_reports_unmerged_latency_only_where_measured(monkeypatch) -> None:
