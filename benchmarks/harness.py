@@ -238,19 +238,10 @@ def cpu_identity(cpuinfo: str) -> dict[str, str | None]:
     return {"cpu": info.get("model name"), "cpu_family": info.get("cpu family"), "cpu_model": info.get("model")}
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (bf16 GEMMs several times faster than AVX512-BF16's, so the
-    non-GEMM part of a step weighs more in every ratio)."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):  # an older torch without the probe
-        return False
-
-
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     from datamodules.base import usable_cores
-    from lightning_modules.precision import cpu_has_native_bf16
+    from lightning_modules.precision import cpu_has_amx, cpu_has_native_bf16
 
     cores = usable_cores()
     try:

@@ -22,12 +22,20 @@ _EMULATED_BF16 = ("bf16-mixed", "bf16", "bf16-true")
 _FP16 = ("16-mixed", "16-true")
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (x86; bf16 GEMMs several times faster than AVX512-BF16's)."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # an older torch without the probe
+        return False
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU has bf16 matrix instructions (x86: AVX512-BF16 or AMX; Arm: BF16 extension)."""
     cpu = getattr(torch, "cpu", None)
     try:
         if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
-            return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+            return bool(cpu._is_avx512_bf16_supported()) or cpu_has_amx()
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # an older torch without the probes: assume emulation
         return False
