@@ -23,7 +23,7 @@ from timm.layers import LayerNorm2d, ScaledStdConv2d, ScaledStdConv2dSame, StdCo
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from peft_methods._vit import is_vit, reference_param, set_module, vit_blocks, vit_blocks_reason
+from peft_methods._vit import VIT_BLOCKS, is_vit, reference_param, set_module, vit_blocks, vit_blocks_reason
 from peft_methods.base import NORM_TYPES, PeftMethod, backbone_modules, freeze, unfreeze_head
 
 # Convolutions that standardise their weight in forward: a folded scale would be normalised away.
@@ -180,6 +180,10 @@ class SSF(PeftMethod):
     def unsupported_reason(self, model: nn.Module) -> str | None:
         if is_vit(model):
             return vit_blocks_reason(model)
+        linear = next((n for n, m in backbone_modules(model) if isinstance(m, nn.Linear)), None)
+        if linear is not None:  # a transformer that is not a supported ViT: its Linear layers would stay bare
+            return (f"its Linear layer '{linear}' would get no scale and shift; SSF supports {VIT_BLOCKS} "
+                    "and CNNs made of convolution and normalisation layers.")
         if not _cnn_targets(model):
             return "it needs ViT blocks or CNN convolution / normalisation layers; this backbone has neither."
         return None

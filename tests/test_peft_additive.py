@@ -287,6 +287,27 @@ def test_vit_only_methods_reject_cnns(cls):
         cls().apply(tiny_cnn())
 
 
+@pytest.mark.parametrize("name", ["beit_base_patch16_224", "swin_tiny_patch4_window7_224", "convnext_tiny"])
+def test_ssf_rejects_transformer_layouts_it_would_adapt_only_in_part(name):
+    """BEiT / Swin blocks (and ConvNeXt-T's Linear MLP) are not the ViT layout SSF targets; the CNN
+    rule would wrap only their convolutions and norms and leave every Linear layer bare."""
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+    with pytest.raises(ValueError, match=rf"SSF does not support backbone '{name}': its Linear layer '[\w.]+' would"):
+        SSF().apply(model)
+
+
+def test_ssf_still_takes_vits_and_cnns_whole():
+    vit, cnn = tiny_vit(), tiny_cnn()
+    for model in (vit, cnn):
+        assert SSF().unsupported_reason(model) is None
+    linear = [n for n, m in vit.named_modules() if isinstance(m, nn.Linear) and not n.startswith("head")]
+    SSF().apply(vit)
+    wrapped = {n.removesuffix(".base_layer") for n, m in vit.named_modules() if isinstance(m, nn.Linear)}
+    assert len(linear) == 4 * len(vit.blocks) and wrapped - {"head"} == {f"{n}" for n in linear}
+    assert all(type(vit.get_submodule(n)).__name__ == "ScaleShift" for n in linear)
+
+
 def test_tsa_rejects_vits():
     with pytest.raises(ValueError, match=r"TSA does not support backbone 'vit_tiny_patch16_224'.*3x3"):
         TSA().apply(tiny_vit())
