@@ -406,22 +406,32 @@ class ImageClassifier(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
-        decay, no_decay = [], []
         skip = set(getattr(self.model, "no_weight_decay", lambda: set())())
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            if p.ndim <= 1 or name in skip or name.split(".")[0] in skip or "vpt_" in name:
-                no_decay.append(p)
-            else:
-                decay.append(p)
-        if not decay and not no_decay:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        # A method may ask for groups of its own (SVDiff: its 1-D deltas at their own learning rate).
+        own = getattr(self.peft, "param_groups", None)
+        method_groups = own(self.model) if callable(own) else [
+            {"params": [p for p in self.model.parameters() if p.requires_grad]}
+        ]
+        groups = []
+        for group in method_groups:
+            decay, no_decay = [], []
+            for p in group["params"]:
+                name = names[id(p)]
+                if p.ndim <= 1 or name in skip or name.split(".")[0] in skip or "vpt_" in name:
+                    no_decay.append(p)
+                else:
+                    decay.append(p)
+            quiet = {**group, "params": no_decay, "weight_decay": 0.0}
+            if "name" in group:  # names stay unique (LearningRateMonitor)
+                quiet["name"] = f"{group['name']}_no_decay"
+            groups += [{**group, "params": decay}, quiet]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
             raise ValueError(
                 f"{type(self.peft).__name__} left no trainable parameter on '{self.hparams.backbone}' "
                 "(a linear probe needs num_classes > 0)."
             )
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
         if self.optimizer_factory is None:
             fused = can_fuse_adamw(p for g in groups for p in g["params"])
             optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.05, fused=fused)

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from lightning_modules import ImageClassifier
 from lightning_modules.backbones import create_backbone
 from lightning_modules.classifier import warmup_cosine
-from peft_methods import BitFit, LinearProbe
+from peft_methods import SSF, BitFit, LinearProbe, SVDiff
 
 
 def test_local_safetensors_weights_load_exactly_and_head_is_reinitialised(tmp_path: Path) -> None:
@@ -103,6 +103,34 @@ def test_hparams_record_the_method_and_rebuild_it() -> None:
 def test_invalid_model_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ImageClassifier("resnet18", pretrained=False, **kwargs)
+
+
+def _optimizer(model: ImageClassifier) -> torch.optim.Optimizer:
+    return model.configure_optimizers()["optimizer"]
+
+
+CONSTANT_LR = {"lr_scheduler": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)}
+
+
+def test_svdiff_one_d_deltas_get_their_own_learning_rate_in_classification() -> None:
+    model = ImageClassifier("resnet18", SVDiff(lr_1d=1e-6), num_classes=3, pretrained=False, **CONSTANT_LR)
+    one_d = {id(s.svdiff_delta) for s in SVDiff.shifts(model.model) if s.is_1d}
+    groups = _optimizer(model).param_groups
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in trainable)
+    slow = [g for g in groups if g["lr"] == 1e-6]
+    assert len(one_d) == 20 and {id(p) for g in slow for p in g["params"]} == one_d  # resnet18's 20 BatchNorms
+    assert all(g["lr"] == 1e-3 for g in groups if g not in slow)
+    assert all(g["weight_decay"] == 0.0 for g in groups if any(p.ndim <= 1 for p in g["params"]))
+    assert len({g["name"] for g in groups}) == len(groups)  # unique names for LearningRateMonitor
+
+
+def test_methods_without_groups_of_their_own_keep_decay_and_no_decay() -> None:
+    model = ImageClassifier("vit_tiny_patch16_224", SSF(), num_classes=3, pretrained=False, image_size=32,
+                            **CONSTANT_LR)
+    groups = _optimizer(model).param_groups
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert [p.ndim for p in groups[0]["params"]] == [2] and all(p.ndim == 1 for p in groups[1]["params"])
 
 
 def test_warmup_cosine_schedule() -> None:
