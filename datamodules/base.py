@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
@@ -235,10 +236,12 @@ class ImageClassificationDataModule(ResumableTrainOrder, L.LightningDataModule):
         return self._loader(ds, sampler=sampler, drop_last=drop_last, loader=ResumableDataLoader)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("val"))
+        """The val split in order; under DDP each rank evaluates its own share (``eval_sampler``)."""
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("test"))
+        """The test split in order; under DDP each rank evaluates its own share (``eval_sampler``)."""
+        return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         """The test split, in order; batches carry ``id`` for writing predictions."""
@@ -253,6 +256,62 @@ class ImageClassificationDataModule(ResumableTrainOrder, L.LightningDataModule):
 
     def _eval_transform(self) -> Callable:
         return v2.Resize((self.image_size, self.image_size), antialias=True)
+
+    def eval_sampler(self, split: str, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
+        """This rank's unpadded, in-order share of an evaluation split under DDP; None in one process.
+
+        Lightning would otherwise wrap the loader in a DistributedSampler, which pads the shares to
+        equal length with repeated samples that metrics synced over ranks then count twice. Being a
+        DistributedSampler, this one is used as is. Uneven shares are safe in evaluation: DDP syncs
+        buffers at most on the first forward without gradients, and torchmetrics states and gathered
+        outputs accept any number of batches per rank, but every rank needs a batch.
+        """
+        trainer, size = self.trainer, len(dataset)
+        world_size = int(trainer.world_size) if trainer is not None else 1
+        if world_size <= 1 or size == 0:
+            return None
+        if size < world_size:
+            raise ValueError(
+                f"the {split} split of {type(self).__name__} has {size} sample(s) but the run has "
+                f"{world_size} processes, and each needs at least one; give the {split} split at least "
+                f"{world_size} samples or run on fewer devices (trainer.devices x trainer.num_nodes)."
+            )
+        return UnrepeatedDistributedSampler(
+            dataset, num_replicas=world_size, rank=int(trainer.global_rank), shuffle=False
+        )
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        ds = self._dataset(split)
+        return self._loader(ds, sampler=self.eval_sampler(split, ds))
+
+    def _check_eval_classes(
+        self, labels: Mapping[str, np.ndarray], remedy: str = "a larger {split}_fraction or another seed"
+    ) -> None:
+        """Raises a ValueError when a non-empty val or test split lacks a class (call after ``_set_classes``).
+
+        torchmetrics scores a class without samples as AUROC 0 and averages it into the macro AUROC.
+
+        Args:
+            labels: Class index per sample (or multi-hot rows) of the ``val`` and ``test`` splits.
+            remedy: How this dataset's split gets more classes, with ``{split}`` for the split's name.
+        """
+        for split in ("val", "test"):
+            lab = np.asarray(labels[split])
+            if len(lab) == 0:
+                continue
+            # Multi-hot labels: a label without positive samples is the missing class.
+            if lab.ndim == 2:
+                counts = lab.sum(0)
+            else:
+                counts = np.bincount(lab.astype(np.int64), minlength=self.num_classes)
+            missing = [c for c, n in zip(self.class_names, counts, strict=True) if n == 0]
+            if missing:
+                raise ValueError(
+                    f"the {split} split of {type(self).__name__} ({len(lab)} samples) has no sample of "
+                    f"class(es) {missing}, whose AUROC would count as 0 in the macro average; give the "
+                    f"{split} split samples of every class ({remedy.format(split=split)}), or merge or "
+                    "drop those classes."
+                )
 
     def _dataset(self, split: str) -> ImageDataset:
         if not self._datasets:

@@ -40,6 +40,7 @@ class _FileDataModule(ImageClassificationDataModule):
         class_names: Sequence[str],
         splits: dict[str, np.ndarray],
         channels: int | None,
+        eval_remedy: str = "a larger {split}_fraction or another seed",
     ) -> None:
         self.files, self.ids, self.labels, self.splits = files, ids, labels, splits
         self._image_cache: cache.ImageCache | None = None
@@ -53,6 +54,7 @@ class _FileDataModule(ImageClassificationDataModule):
                 f"class(es) {empty} have no training samples after the split ({type(self).__name__}); "
                 "drop or merge those classes, or change seed, val_fraction or test_fraction."
             )
+        self._check_eval_classes({s: labels[splits[s]] for s in ("val", "test")}, eval_remedy)
         self._set_train_labels(labels[splits["train"]])
 
     def _cache(self) -> cache.ImageCache:
@@ -260,9 +262,12 @@ class CSVDataModule(_FileDataModule):
             if groups is not None:
                 _warn_group_leak(groups, splits, self.csv_path)
         self.cache_dir, self.skip_corrupt = cache_dir, skip_corrupt
+        remedy = "a larger {split}_fraction or another seed"
         if splits is None:
             splits = _fraction_split(labels, val_fraction, test_fraction, seed, groups)
-        self._init_files(files, labels, df[path_column].tolist(), class_names, splits, channels)
+        else:
+            remedy = f"rows of every class marked '{{split}}' in column '{split_column}' of {self.csv_path}"
+        self._init_files(files, labels, df[path_column].tolist(), class_names, splits, channels, remedy)
 
 
 def _fraction_split(

@@ -84,6 +84,7 @@ class MedMNISTDataModule(ImageClassificationDataModule):
                     f"{self.path} has {split} labels outside 0..{self.num_classes - 1}; "
                     f"is it really the {flag} file?"
                 )
+        self._check_eval_classes(labels, f"the official {flag} file has them")
         self._set_train_labels(labels["train"])
 
     def _file_name(self) -> str:

@@ -69,6 +69,9 @@ class SyntheticDataModule(ImageClassificationDataModule):
         self.sizes = sizes
         task = "binary" if num_classes == 2 else "multiclass"
         self._set_classes(CLASS_NAMES[:num_classes], task, channels)
+        self._check_eval_classes(
+            {s: self.labels(s) for s in ("val", "test")}, f"num_{{split}} >= num_classes={num_classes}"
+        )
         self._set_train_labels(self.labels("train"))
 
     def labels(self, split: str) -> np.ndarray:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from lightning_modules import results
@@ -158,6 +159,9 @@ class ImageClassifier(L.LightningModule):
         self.train_metrics = classification_metrics(task, num_classes, "train/", only=("acc",))
         self.val_metrics = classification_metrics(task, num_classes, "val/")
         self.test_metrics = classification_metrics(task, num_classes, "test/")
+        # Sample-weighted mean losses synced as float sums: Lightning's own sync_dist mean averages
+        # the ranks' sample counts as integers, which skews it when a split does not divide evenly.
+        self.val_loss_mean, self.test_loss_mean = MeanMetric(), MeanMetric()
         if task != "multilabel":
             self.val_confusion = MulticlassConfusionMatrix(num_classes)
             self.test_confusion = MulticlassConfusionMatrix(num_classes)
@@ -226,8 +230,12 @@ class ImageClassifier(L.LightningModule):
         metrics = getattr(self, f"{stage}_metrics")
         metrics.update(probs, metric_target)
         size = target.shape[0]
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True,
-                 batch_size=size, sync_dist=stage != "train")
+        if stage == "train":
+            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+        else:
+            mean = getattr(self, f"{stage}_loss_mean")
+            mean.update(loss.detach().float(), weight=size)
+            self.log(f"{stage}/loss", mean, on_step=False, on_epoch=True, prog_bar=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=size)
         if stage != "train" and self.task != "multilabel":
             getattr(self, f"{stage}_confusion").update(probs.argmax(-1), metric_target)

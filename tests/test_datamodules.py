@@ -26,6 +26,8 @@ from datamodules.base import default_num_workers
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
+#: Val / test fractions that give a few-image folder every class in val and in test.
+SMALL = {"val_fraction": 0.25, "test_fraction": 0.25}
 
 
 # ---------------------------------------------------------------------------- fabricated data
@@ -252,7 +254,7 @@ def test_folder_properties_split_and_batches(tmp_path):
     assert next(iter(again.train_dataloader()))["id"] == batch["id"]  # seeded shuffling
     predicted = [i for b in dm.predict_dataloader() for i in b["id"]]
     assert predicted == [dm.ids[i] for i in dm.splits["test"]]
-    gray = folder_dm(make_folder(tmp_path / "gray", {"a": 5, "b": 5}, mode="L"), tmp_path / "cache")
+    gray = folder_dm(make_folder(tmp_path / "gray", {"a": 5, "b": 5}, mode="L"), tmp_path / "cache", **SMALL)
     assert (gray.channels, gray.task) == (1, "binary")
     assert next(iter(gray.val_dataloader()))["image"].shape[1] == 1
 
@@ -273,7 +275,7 @@ def test_folder_low_data_subsets_nested(tmp_path):
 
 
 def test_folder_loader_with_worker_process(tmp_path):
-    dm = folder_dm(make_folder(tmp_path / "data", {"a": 6, "b": 6}), tmp_path / "cache", num_workers=1)
+    dm = folder_dm(make_folder(tmp_path / "data", {"a": 6, "b": 6}), tmp_path / "cache", num_workers=1, **SMALL)
     ids = [i for b in dm.test_dataloader() for i in b["id"]]
     assert len(ids) == len(dm.splits["test"]) and default_num_workers() >= 0
 
@@ -307,7 +309,7 @@ def count_decodes(monkeypatch):
 
 def test_cache_reused_then_invalidated(tmp_path, monkeypatch, count_decodes):
     root = make_folder(tmp_path / "data", {"a": 5, "b": 5})
-    dm = folder_dm(root, tmp_path / "cache")
+    dm = folder_dm(root, tmp_path / "cache", **SMALL)
     dm.setup()
     assert len(count_decodes) == 10
     first = next(iter(dm.test_dataloader()))["image"]
@@ -316,7 +318,7 @@ def test_cache_reused_then_invalidated(tmp_path, monkeypatch, count_decodes):
         raise AssertionError("decoded again")
 
     monkeypatch.setattr(cache_mod, "decode_image", fail)
-    dm2 = folder_dm(root, tmp_path / "cache")
+    dm2 = folder_dm(root, tmp_path / "cache", **SMALL)
     assert torch.equal(next(iter(dm2.test_dataloader()))["image"], first)
 
     monkeypatch.setattr(
@@ -325,7 +327,7 @@ def test_cache_reused_then_invalidated(tmp_path, monkeypatch, count_decodes):
     target = root / "a" / "a (0).png"
     write_png(target, 999)
     os.utime(target, ns=(1, 1))  # a new mtime even on coarse-grained file systems
-    folder_dm(root, tmp_path / "cache").setup()
+    folder_dm(root, tmp_path / "cache", **SMALL).setup()
     assert len(count_decodes) == 20
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
 
@@ -333,13 +335,13 @@ def test_cache_reused_then_invalidated(tmp_path, monkeypatch, count_decodes):
 @pytest.mark.parametrize("damage", ["truncate", "sidecar"])
 def test_corrupt_cache_is_rebuilt(tmp_path, count_decodes, damage):
     root = make_folder(tmp_path / "data", {"a": 4, "b": 4})
-    folder_dm(root, tmp_path / "cache").setup()
+    folder_dm(root, tmp_path / "cache", **SMALL).setup()
     npy = next((tmp_path / "cache").glob("*.npy"))
     if damage == "truncate":
         npy.write_bytes(npy.read_bytes()[:-50])
     else:
         npy.with_suffix(".json").write_text(json.dumps({"key": "wrong"}))
-    dm = folder_dm(root, tmp_path / "cache")
+    dm = folder_dm(root, tmp_path / "cache", **SMALL)
     dm.setup()
     assert len(count_decodes) == 16 and sum(dm.split_sizes.values()) == 8
     assert not list((tmp_path / "cache").glob("*.tmp*"))
@@ -349,11 +351,11 @@ def test_unreadable_image_error_and_skip(tmp_path):
     root = make_folder(tmp_path / "data", {"a": 6, "b": 6})
     bad = root / "b" / "b (3).png"
     bad.write_bytes(bad.read_bytes()[:40])  # truncated PNG
-    dm = folder_dm(root, tmp_path / "cache")
+    dm = folder_dm(root, tmp_path / "cache", **SMALL)
     with pytest.raises(ValueError, match=r"cannot read image .*b \(3\)\.png.*skip_corrupt: true"):
         dm.setup()
     assert not list((tmp_path / "cache").glob("*"))  # nothing half-written is left behind
-    dm = folder_dm(root, tmp_path / "cache", skip_corrupt=True)
+    dm = folder_dm(root, tmp_path / "cache", skip_corrupt=True, **SMALL)
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable image"):
         dm.setup()
     assert sum(dm.split_sizes.values()) == 11
@@ -389,15 +391,14 @@ def test_csv_grouped_split_and_paths(tmp_path):
 
 
 def test_csv_split_column_and_errors(tmp_path, caplog):
-    for i in range(6):
+    for i in range(8):
         write_png(tmp_path / f"{i}.png", i)
     csv = tmp_path / "s.csv"
-    csv.write_text(
-        "file,dx,split\n0.png,a,train\n1.png,b,train\n2.png,a,train\n3.png,b,train\n4.png,a,val\n5.png,b,TEST\n"
-    )
+    parts = ["train"] * 4 + ["val", "val", "TEST", "test"]
+    csv.write_text("file,dx,split\n" + "".join(f"{i}.png,{'ab'[i % 2]},{s}\n" for i, s in enumerate(parts)))
     args = {"csv_path": str(csv), "path_column": "file", "label_column": "dx", "split_column": "split"}
     dm = CSVDataModule(**args, num_workers=0, image_size=8, cache_dir=str(tmp_path / "c"))
-    assert {k: v.tolist() for k, v in dm.splits.items()} == {"train": [0, 1, 2, 3], "val": [4], "test": [5]}
+    assert {k: v.tolist() for k, v in dm.splits.items()} == {"train": [0, 1, 2, 3], "val": [4, 5], "test": [6, 7]}
     with caplog.at_level(logging.WARNING, logger="medpeft"):
         CSVDataModule(**args, group_column="dx", num_workers=0)  # group "a" is in train and val
     assert "2 group(s) appear in more than one split" in caplog.text
@@ -556,3 +557,62 @@ def test_seeded_augmentation_depends_on_the_seed_alone_and_leaves_the_global_rng
     monkeypatch.undo()
     torch.manual_seed(7)  # the same draws as seeding every generator
     assert torch.equal(first, transform(torch.from_numpy(images[1])))
+
+
+# ---------------------------------------------------------------------- evaluation under DDP
+def fake_ddp(monkeypatch, dm, rank: int, world_size: int = 2) -> None:
+    """Attaches a stand-in trainer of a DDP run (no process group needed)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(dm, "trainer", SimpleNamespace(world_size=world_size, global_rank=rank))
+
+
+def test_eval_loaders_under_ddp_evaluate_every_sample_exactly_once(monkeypatch):
+    from torch.utils.data import DistributedSampler, SequentialSampler
+
+    kw = {"num_train": 8, "num_val": 7, "num_test": 5, "image_size": 8, "batch_size": 2, "num_workers": 0}
+    single = SyntheticDataModule(**kw)
+    assert isinstance(single.val_dataloader().sampler, SequentialSampler)  # no trainer: one process
+    for split, size in (("val", 7), ("test", 5)):
+        shares, ids = [], []
+        for rank in (0, 1):
+            dm = SyntheticDataModule(**kw)
+            fake_ddp(monkeypatch, dm, rank)
+            loader = getattr(dm, f"{split}_dataloader")()
+            # A DistributedSampler is kept as is by Lightning instead of being replaced by a padding one.
+            assert isinstance(loader.sampler, DistributedSampler)
+            shares.append(list(loader.sampler))
+            ids += [i for b in loader for i in b["id"]]
+        assert not set(shares[0]) & set(shares[1]) and sorted(shares[0] + shares[1]) == list(range(size))
+        assert all(share == sorted(share) for share in shares), "each rank's share is in order"
+        assert sorted(ids) == [f"{split}_{i:06d}" for i in range(size)], "no sample twice, none left out"
+
+
+def test_eval_split_smaller_than_world_size_is_refused(monkeypatch):
+    dm = SyntheticDataModule(num_classes=2, num_train=8, num_val=3, num_test=8, image_size=8, num_workers=0)
+    fake_ddp(monkeypatch, dm, rank=0, world_size=4)
+    with pytest.raises(ValueError, match=r"val split of SyntheticDataModule has 3 sample\(s\) but the run has 4"):
+        dm.val_dataloader()
+    assert len(list(dm.test_dataloader().sampler)) == 2
+
+
+# ---------------------------------------------------------------------- every class in val and test
+def test_class_missing_from_val_or_test_is_refused(tmp_path):
+    root = make_folder(tmp_path / "data", {"a": 5, "b": 5})  # default fractions: val holds one "b" only
+    with pytest.raises(
+        ValueError, match=r"the val split of ImageFolderDataModule \(1 samples\) has no sample of class\(es\) \['a'\]"
+    ):
+        folder_dm(root, tmp_path / "cache")
+    no_val = folder_dm(root, tmp_path / "cache", val_fraction=0.0, test_fraction=0.25)  # an empty val is fine
+    assert len(no_val.splits["val"]) == 0
+    csv = tmp_path / "official.csv"
+    rows = ["a/a (0).png,a,train", "b/b (0).png,b,train", "a/a (1).png,a,val", "b/b (1).png,b,val",
+            "a/a (2).png,a,test", "a/a (3).png,a,test"]  # the official test part lacks "b"
+    csv.write_text("path,dx,split\n" + "\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"test split of CSVDataModule .*\['b'\].*marked 'test' in column 'split'"):
+        CSVDataModule(str(csv), image_root=str(root), label_column="dx", split_column="split")
+    with pytest.raises(ValueError, match=r"val split of SyntheticDataModule \(2 samples\).*\['ring'\].*num_val"):
+        SyntheticDataModule(num_classes=3, num_val=2)
+    make_npz(tmp_path / "breastmnist.npz", n=(40, 10, 1))
+    with pytest.raises(ValueError, match=r"test split of MedMNISTDataModule .*\['normal, benign'\]"):
+        MedMNISTDataModule(root=str(tmp_path))

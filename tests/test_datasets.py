@@ -49,7 +49,7 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def make_ham(root: Path, lesions_per_class: int = 4) -> list[dict]:
+def make_ham(root: Path, lesions_per_class: int = 10) -> list[dict]:
     rows, n = [], 0
     for c, dx in enumerate(HAM_CLASSES):
         for k in range(lesions_per_class):
@@ -132,7 +132,7 @@ GRADIENT = np.linspace(0, 255, 64).round().astype(np.uint8).reshape(8, 8)  # ful
 CLASS3 = ("Normal", "Lung Opacity", "No Lung Opacity / Not Normal")
 
 
-def make_rsna(root: Path, per_class: int = 4) -> dict[str, int]:
+def make_rsna(root: Path, per_class: int = 10) -> dict[str, int]:
     boxes, info, detailed = [], [], {}
     for c, cls in enumerate(CLASS3):
         for k in range(per_class):
@@ -190,10 +190,11 @@ def test_ham10000_labels_grouped_split_and_batches(tmp_path):
 
 def test_isic2018_official_parts_lesion_groups_and_auto_layout(tmp_path, caplog):
     root = tmp_path / "isic"
-    train_dx = [d for d in HAM_CLASSES for _ in range(4)]
+    train_dx = [d for d in HAM_CLASSES for _ in range(8)]
     train_ids = isic_part(root, "Training", train_dx, 0)
-    val_ids = isic_part(root, "Validation", ["mel", "nv", "vasc"], 1000, gt_in_root=True)
-    test_ids = isic_part(root, "Test", ["bcc", "df"], 2000)
+    val_dx, test_dx = list(HAM_CLASSES), list(reversed(HAM_CLASSES))
+    val_ids = isic_part(root, "Validation", val_dx, 1000, gt_in_root=True)
+    test_ids = isic_part(root, "Test", test_dx, 2000)
     write_csv(
         root / "ISIC2018_Task3_Training_LesionGroupings.csv",
         [
@@ -203,18 +204,19 @@ def test_isic2018_official_parts_lesion_groups_and_auto_layout(tmp_path, caplog)
     )
     dm = HAM10000DataModule(str(root), cache_dir=str(tmp_path / "c"), **FAST)
     assert dm.layout == "isic2018"
-    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 28, "val": 3, "test": 2}
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 56, "val": 7, "test": 7}
     assert [dm.ids[i] for i in dm.splits["test"]] == test_ids
-    assert [dm.class_names[dm.labels[i]] for i in dm.splits["val"]] == ["mel", "nv", "vasc"]
+    assert [dm.class_names[dm.labels[i]] for i in dm.splits["val"]] == val_dx
     assert [dm.class_names[lab] for lab in dm.labels[dm.splits["train"]]] == train_dx
     assert ids_of(dm.val_dataloader()) == val_ids
-    carved = HAM10000DataModule(str(root), official_splits=False, cache_dir=str(tmp_path / "c"), **FAST)
-    assert sum(len(v) for v in carved.splits.values()) == 28 and len(carved.splits["test"]) > 0
+    carve = {"official_splits": False, "val_fraction": 0.25, "test_fraction": 0.25}
+    carved = HAM10000DataModule(str(root), **carve, cache_dir=str(tmp_path / "c"), **FAST)
+    assert sum(len(v) for v in carved.splits.values()) == 56 and len(carved.splits["test"]) > 0
     assert_disjoint(split_sets(carved, carved.split_groups))
-    assert len(set(carved.split_groups)) == 14  # two images per lesion from the groupings CSV
+    assert len(set(carved.split_groups)) == 28  # two images per lesion from the groupings CSV
     (root / "ISIC2018_Task3_Training_LesionGroupings.csv").unlink()
     with caplog.at_level(logging.WARNING, logger="medpeft"):
-        HAM10000DataModule(str(root), official_splits=False, **FAST)
+        HAM10000DataModule(str(root), **carve, **FAST)
     assert "images of one lesion may land in different splits" in caplog.text
 
 
@@ -259,13 +261,13 @@ def test_empty_training_class_and_too_many_shots(tmp_path):
     isic_part(root, "Test", ["vasc", "nv"], 2000)
     with pytest.raises(ValueError, match=r"\['vasc'\] have no training samples"):
         HAM10000DataModule(str(root), **FAST)
-    make_ham(tmp_path / "ham", lesions_per_class=4)
-    with pytest.raises(ValueError, match="shots_per_class=9 exceeds the .* training samples of class"):
-        HAM10000DataModule(str(tmp_path / "ham"), shots_per_class=9, **FAST)
+    make_ham(tmp_path / "ham")
+    with pytest.raises(ValueError, match="shots_per_class=30 exceeds the .* training samples of class"):
+        HAM10000DataModule(str(tmp_path / "ham"), shots_per_class=30, **FAST)
 
 
 def test_low_data_subsets_logged_nested_reproducible(tmp_path, caplog):
-    make_ham(tmp_path / "ham", lesions_per_class=6)
+    make_ham(tmp_path / "ham")
     kw = {"root": str(tmp_path / "ham"), "cache_dir": str(tmp_path / "c"), "augment": False, **FAST}
     ids = {}
     with caplog.at_level(logging.INFO, logger="medpeft"):
@@ -299,7 +301,7 @@ def test_truncated_image_error_and_skip_corrupt(tmp_path):
 
 
 # ---------------------------------------------------------------------------- BUSI
-def make_busi(parent: Path, counts=(8, 5, 4)) -> Path:
+def make_busi(parent: Path, counts=(14, 8, 6)) -> Path:
     root = parent / "Dataset_BUSI_with_GT"
     for c, (cls, n) in enumerate(zip(("benign", "malignant", "normal"), counts, strict=True)):
         for i in range(1, n + 1):
@@ -313,9 +315,9 @@ def test_busi_layout_masks_and_errors(tmp_path):
     folder = make_busi(tmp_path / "download")
     dm = BUSIDataModule(str(tmp_path / "download"), cache_dir=str(tmp_path / "c"), **FAST)
     direct = BUSIDataModule(str(folder), **FAST)
-    assert dm.files == direct.files and len(dm.files) == 17 and not any("_mask" in f.name for f in dm.files)
+    assert dm.files == direct.files and len(dm.files) == 28 and not any("_mask" in f.name for f in dm.files)
     assert (dm.class_names, dm.task, dm.channels) == (["benign", "malignant", "normal"], "multiclass", 3)
-    assert np.bincount(dm.labels).tolist() == [8, 5, 4] and dm.ids[0] == "benign/benign (1).png"
+    assert np.bincount(dm.labels).tolist() == [14, 8, 6] and dm.ids[0] == "benign/benign (1).png"
     assert next(iter(dm.val_dataloader()))["image"].shape[1:] == (3, 8, 8)
     with pytest.raises(
         FileNotFoundError, match=f"BUSI root {tmp_path}/none does not exist.*scholar.cu.edu.eg"
@@ -346,7 +348,7 @@ NINE = ("inflammatory", "benign dermal", "malignant melanoma")
 THREE = ("non-neoplastic", "benign", "malignant")
 
 
-def make_fitz(root: Path, n: int = 36, absent: int = 4) -> list[dict]:
+def make_fitz(root: Path, n: int = 48, absent: int = 4) -> list[dict]:
     rows = []
     for i in range(n):
         h = f"{i:032x}"
@@ -372,10 +374,10 @@ def make_fitz(root: Path, n: int = 36, absent: int = 4) -> list[dict]:
 
 def test_fitzpatrick_levels_skin_type_groups_and_absent_images(tmp_path):
     rows = make_fitz(tmp_path / "fitz")
-    with pytest.warns(UserWarning, match="4 of 36 rows of fitzpatrick17k.csv have no image") as rec:
+    with pytest.warns(UserWarning, match="4 of 48 rows of fitzpatrick17k.csv have no image") as rec:
         dm = Fitzpatrick17kDataModule(str(tmp_path / "fitz"), cache_dir=str(tmp_path / "c"), **FAST)
     assert len([w for w in rec if "have no image" in str(w.message)]) == 1
-    assert dm.class_names == ["benign", "malignant", "non-neoplastic"] and len(dm.files) == 32
+    assert dm.class_names == ["benign", "malignant", "non-neoplastic"] and len(dm.files) == 44
     by_hash = {r["md5hash"]: r for r in rows}
     assert [dm.class_names[lab] for lab in dm.labels] == [by_hash[h]["three_partition_label"] for h in dm.ids]
     assert (dm.group_key, dm.group_names[1], dm.group_names[-1]) == ("group", "I", "unknown")
@@ -430,7 +432,7 @@ def make_smdg(root: Path) -> list[dict]:
         add(f"PAPILA-{2 * p + 2}", p % 2, str(p), f"PAPILA-{p}")
     for i in range(10):
         add(f"G1020-{i + 1}", i % 2, f"image_{i}.jpg")
-    for i in range(6):
+    for i in range(12):
         add(f"REFUGE1-TRAIN-{i + 1}", -1, f"g{i:04d}.jpg")
     write_csv(root / "metadata - standardized.csv", rows)
     return rows
@@ -447,7 +449,7 @@ def test_smdg_binary_suspects_and_patient_groups(tmp_path):
     assert_disjoint(split_sets(dm, dm.split_groups))
     assert next(iter(dm.train_dataloader()))["image"].shape == (4, 3, 8, 8)
     both = SMDGDataModule(str(tmp_path / "smdg"), include_suspects=True, **FAST)
-    assert both.class_names == ["non-glaucoma", "glaucoma", "suspect"] and (both.labels == 2).sum() == 6
+    assert both.class_names == ["non-glaucoma", "glaucoma", "suspect"] and (both.labels == 2).sum() == 12
     groups = smdg_patient_groups(pd.DataFrame(rows[:2]).astype(str).drop(columns=["patient_id"]))
     assert groups.tolist() == ["OIA-ODIR/100", "OIA-ODIR/100"]
     write_csv(tmp_path / "smdg" / "metadata - standardized.csv", [{**rows[0], "types": 2}, *rows[1:]])
@@ -464,7 +466,7 @@ def test_rsna_labels_dicom_decoding_and_cache(tmp_path, monkeypatch):
     kw = {"cache_dir": str(tmp_path / "c"), **FAST}
     dm = RSNAPneumoniaDataModule(str(tmp_path / "rsna"), **kw)
     assert (dm.class_names, dm.task, dm.channels) == (["no pneumonia", "pneumonia"], "binary", 1)
-    assert len(dm.ids) == 12  # boxes collapsed: one row per patient
+    assert len(dm.ids) == 30  # boxes collapsed: one row per patient
     assert dm.labels.tolist() == [int(detailed[p] == 1) for p in dm.ids]
     three = RSNAPneumoniaDataModule(str(tmp_path / "rsna"), label_set="three_class", **kw)
     assert three.class_names == list(CLASS3) and three.labels.tolist() == [detailed[p] for p in three.ids]
@@ -473,17 +475,17 @@ def test_rsna_labels_dicom_decoding_and_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(cache_mod, "decode_image", lambda *a: calls.append(a[0]) or real(*a))
     images = {i: im for b in dm.test_dataloader() for i, im in zip(b["id"], b["image"], strict=True)}
     images.update({i: im for b in dm.val_dataloader() for i, im in zip(b["id"], b["image"], strict=True)})
-    assert len(calls) == 12
+    assert len(calls) == 30
     for pid, img in images.items():  # MONOCHROME1 (k == 0) is inverted; 8x8 stays unresized
         want = 255 - GRADIENT if pid[1:3] == "00" else GRADIENT
         assert img.shape == (1, 8, 8) and np.array_equal(img[0].numpy(), want), pid
     RSNAPneumoniaDataModule(str(tmp_path / "rsna"), **kw).setup()
-    assert len(calls) == 12  # reused
+    assert len(calls) == 30  # reused
     f = tmp_path / "rsna" / "stage_2_train_images" / f"{dm.ids[0]}.dcm"
     write_dicom(f, GRADIENT[::-1].copy())
     os.utime(f, ns=(1, 1))
     RSNAPneumoniaDataModule(str(tmp_path / "rsna"), **kw).setup()
-    assert len(calls) == 24 and len(list((tmp_path / "c").glob("*.npy"))) == 2
+    assert len(calls) == 60 and len(list((tmp_path / "c").glob("*.npy"))) == 2
 
 
 def test_rsna_voi_window_and_errors(tmp_path):

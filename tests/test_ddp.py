@@ -2,7 +2,8 @@
 
 DDP relaunches the script, so each run is a real ``python run.py`` subprocess. The run directory
 must look like a single-process run's (same validation metrics, same checkpoint tensors) and be
-written once, by rank 0.
+written once, by rank 0. The val / test sizes are odd, so a padding sampler would evaluate some
+samples twice; val's shares differ in batch count too (9 and 8 samples in batches of 8).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ TINY_VIT = [
     "--model.init_args.export_adapter", "false",
     "--data.init_args.image_size", "32",
     "--data.init_args.num_train", "32",
-    "--data.init_args.num_val", "16",
-    "--data.init_args.num_test", "16",
+    "--data.init_args.num_val", "17",
+    "--data.init_args.num_test", "13",
     "--data.init_args.batch_size", "8",
     "--data.init_args.num_workers", "0",
     "--data.init_args.augment", "false",
@@ -106,6 +107,14 @@ def test_ddp_fit_matches_single_process_layout_and_writes_once(in_tmp: Path, met
     assert ddp_metrics.keys() == single_metrics.keys()
     assert ddp_metrics["metrics"].keys() == single_metrics["metrics"].keys() >= {"acc", "auroc", "loss"}
     assert ddp_metrics["trainable_params"] == single_metrics["trainable_params"]
+
+    # The DDP run's checkpoint tested in one process: every test sample counted once on 2 ranks too.
+    best = ddp_dir / "checkpoints" / "best.ckpt"
+    run.cli_main(["test", *args, "--trainer.logger.init_args.name", "one_process", "--ckpt_path", str(best)])
+    reference = json.loads((in_tmp / "runs" / "one_process" / "version_0" / "metrics.json").read_text())["metrics"]
+    assert reference.keys() == ddp_metrics["metrics"].keys()
+    for key, value in reference.items():
+        assert ddp_metrics["metrics"][key] == pytest.approx(value, abs=1e-6), (key, ddp_metrics["metrics"], reference)
 
 
 def test_ddp_preemption_saves_once_at_the_same_step_and_resumes_exactly(in_tmp: Path) -> None:
