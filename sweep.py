@@ -26,8 +26,11 @@ A sweep file::
 Output: ``<out>/runs/<run name>/`` holds ``log.txt`` and run.py's ``version_0/`` (config.yaml,
 TensorBoard events, checkpoints, fit_summary.json, metrics.json); tuning runs live in ``<out>/tune/``.
 ``<out>/sweep_state.json`` records every run's status; a rerun skips finished runs, retries failed or
-missing ones, and never overwrites a finished run without ``--force``. ``selection.json`` holds the
-tuned values; ``results.csv``, ``results.md`` and ``plot_*.png`` the report (rewritten by ``report``).
+missing ones, and never overwrites a finished run without ``--force``. A run finished with other
+settings than the sweep file's current ones is kept as ``stale``: left out of the report's tables and
+of the tuning selection until ``--force`` reruns it. ``selection.json`` holds the tuned values (a value
+with any failed, unfinished or stale tuning run is excluded, with the reason); ``results.csv``,
+``results.md`` and ``plot_*.png`` the report (rewritten by ``report``).
 
 Multi-GPU and multi-node runs: add ``configs/trainer/ddp.yaml`` to ``configs:`` and give each run
 GPUs with ``slurm: {gpus_per_node: 4, nodes: 2}`` (or ``--gpus-per-node 4 --nodes 2``). Each run is
@@ -59,7 +62,7 @@ from lightning_modules.sweeps.grid import Sweep, format_value, load_sweep
 from lightning_modules.sweeps.plan import FINAL, RunSpec, final_runs, group_of, inside, tune_runs
 from lightning_modules.sweeps.protocol import resolve_config, runs_to_check, select, tune_target
 from lightning_modules.sweeps.report import SWEEP_INFO, write_report
-from lightning_modules.sweeps.state import DONE, FAILED, RUNNING, SweepState
+from lightning_modules.sweeps.state import DONE, FAILED, RUNNING, STALE, SweepState, run_status
 
 SLURM_FLAGS = ("partition", "account", "gpus_per_node", "nodes", "cpus_per_task", "time_min")
 
@@ -157,14 +160,17 @@ def prepare(run: RunSpec, entry: dict[str, Any], force: bool) -> tuple[str, ...]
 
 def execute_stage(title: str, runs: list[RunSpec], state: SweepState, executor: Any, force: bool) -> int:
     """Runs what is not finished yet; returns the number of failed runs."""
-    todo = []
+    todo, stale = [], 0
     for run in runs:
         entry = state.entry(run)
-        if run.marker.is_file() and not force:
-            if entry.get("fingerprint") not in (None, run.fingerprint()):
-                print(f"  {run.name}: finished with other settings; kept (use --force to rerun)", file=sys.stderr)
-            if entry.get("status") != DONE:
-                state.update(run, DONE)
+        status = run_status(run, entry)
+        if status in (DONE, STALE) and not force:  # finished runs are only overwritten with --force
+            if status == STALE:
+                stale += 1
+                print(f"  {run.name}: finished with other settings; kept but left out of the report and the "
+                      "tuning selection (use --force to rerun)", file=sys.stderr)
+            if entry.get("status") != status:
+                state.update(run, status)
             continue
         job = entry.get("job_id")
         if entry.get("status") == RUNNING and job and isinstance(executor, SubmititExecutor) \
@@ -172,7 +178,8 @@ def execute_stage(title: str, runs: list[RunSpec], state: SweepState, executor: 
             print(f"  {run.name}: still in SLURM job {job}; not resubmitted", file=sys.stderr)
             continue
         todo.append((run, prepare(run, entry, force)))
-    print(f"{title}: {len(runs) - len(todo)} of {len(runs)} runs already finished, {len(todo)} to run")
+    kept = f" ({stale} with other settings, not rerun without --force)" if stale else ""
+    print(f"{title}: {len(runs) - len(todo)} of {len(runs)} runs already finished{kept}, {len(todo)} to run")
     failed = 0
 
     def on_start(run: RunSpec, **fields: Any) -> None:
@@ -227,12 +234,14 @@ def execute_sweep(sweep: Sweep, executor: Any, tune: list[RunSpec], finals: list
     if sweep.tune and target:
         state.register(tune, "tune")
         failed += execute_stage("tuning", tune, state, executor, force)
-        chosen = select(sweep.tune, tune, *target)
+        chosen = select(sweep.tune, tune, *target, state.runs)
         write_json_atomic(sweep.out / "selection.json", chosen)
         selection = {g: e["selected"] for g, e in chosen["groups"].items() if "selected" in e}
         for group in sorted(set(chosen["groups"]) - set(selection)):
             failed += 1
-            print(f"  group {group}: no tuning run finished; its final runs are skipped", flush=True)
+            reasons = "; ".join(r for rs in chosen["groups"][group]["excluded"].values() for r in rs)
+            print(f"  group {group}: no tuned value has all its tuning runs finished ({reasons}); its final runs "
+                  "are skipped", flush=True)
         finals = final_runs(sweep, selection)
     state.register(finals, FINAL)
     failed += execute_stage("runs", finals, state, executor, force)

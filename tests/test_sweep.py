@@ -297,6 +297,45 @@ def test_a_crashed_sweep_leaves_finished_runs_reportable_and_skipped(in_tmp: Pat
     assert {e["status"] for e in json.loads(state_file.read_text())["runs"].values()} == {"done"}
 
 
+def test_runs_finished_with_other_settings_are_kept_but_left_out_of_the_tables(
+        in_tmp: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import csv
+
+    path = write_sweep(in_tmp, {"seed_everything": [0, 1]})
+    monkeypatch.setattr(executors, "run_stage", FakeRunPy(test=lambda c: 0.5))
+    assert sweep.main(["run", str(path)]) == 0
+    spec = yaml.safe_load(path.read_text())
+    spec["overrides"]["trainer.max_epochs"] = 30
+    spec["grid"]["seed_everything"] = [0, 1, 2]
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    longer = FakeRunPy(test=lambda c: 0.9)
+    monkeypatch.setattr(executors, "run_stage", longer)
+    capsys.readouterr()
+    assert sweep.main(["run", str(path)]) == 0
+    assert longer.stages() == [("fit", "seed=2"), ("test", "seed=2")], "finished runs are not rerun without --force"
+    captured = capsys.readouterr()
+    assert "runs: 2 of 3 runs already finished (2 with other settings, not rerun without --force), 1 to run" in captured.out
+    assert "  seed=0: finished with other settings; kept but left out of the report" in captured.err
+    out = in_tmp / "sweeps/sweep"
+    state = json.loads((out / "sweep_state.json").read_text())["runs"]
+    assert {k: e["status"] for k, e in state.items()} == {"final/seed=0": "stale", "final/seed=1": "stale",
+                                                            "final/seed=2": "done"}
+    assert [(r["name"], r["status"], r["auroc"]) for r in csv.DictReader(open(out / "results.csv"))] == [
+        ("seed=0", "stale", "0.5"), ("seed=1", "stale", "0.5"), ("seed=2", "done", "0.9")]
+    md = (out / "results.md").read_text()
+    assert ("Test-split metrics, mean ± std over 3 seeds; checkpoints and tuned values chosen on validation. "
+            "1 runs finished, 0 failed. 2 runs finished with other settings than the sweep's current ones and are "
+            f"left out of the tables and the tuning selection; `python sweep.py run {path} --force` reruns them."
+            ) in md.splitlines()
+    assert "| all | 0.900 (1 of 3) |" in md.splitlines()
+
+    monkeypatch.setattr(executors, "run_stage", FakeRunPy(test=lambda c: 0.9))
+    assert sweep.main(["run", str(path), "--force"]) == 0
+    md = (out / "results.md").read_text()
+    assert "| all | **0.900 ± 0.000** |" in md.splitlines() and "other settings" not in md
+    assert {e["status"] for e in json.loads((out / "sweep_state.json").read_text())["runs"].values()} == {"done"}
+
+
 def test_two_sweep_processes_cannot_share_an_output_directory(in_tmp: Path, capsys: pytest.CaptureFixture,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     import fcntl
@@ -333,6 +372,106 @@ def test_tuning_selects_on_validation_never_on_test(in_tmp: Path, monkeypatch: p
     assert "| bitfit | **0.200 ± 0.000** |" in (out / "results.md").read_text()
 
 
+def diverged_fit(last_score: float) -> Callable[[list[str], Any], int]:
+    """A fit that saved a ``last.ckpt`` (with a checkpoint-callback score) and then stopped on a nan loss."""
+    import torch
+
+    def run(command: list[str], log: Any) -> int:
+        version = Path(arg(command, "--trainer.logger.init_args.save_dir")) / arg(
+            command, "--trainer.logger.init_args.name") / "version_0"
+        (version / "checkpoints").mkdir(parents=True, exist_ok=True)
+        callbacks = {"ModelCheckpoint{'monitor': 'val/auroc', 'mode': 'max'}": {"best_model_score": torch.tensor(last_score)}}
+        torch.save({"callbacks": callbacks}, version / "checkpoints" / "last.ckpt")
+        log.write("Traceback (most recent call last):\nFloatingPointError: Training loss is nan at step 7\n")
+        return 1
+
+    return run
+
+
+def test_tuning_never_takes_the_score_of_a_failed_run(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    finished = FakeRunPy(val=lambda c: 0.85)
+    diverged = diverged_fit(0.91)
+
+    def fake(command: list[str], log: Any, cwd: str, env: dict[str, str]) -> int:
+        if arg(command, f"--{LR}") == "0.01":
+            return diverged(command, log)
+        return finished(command, log, cwd, env)
+
+    monkeypatch.setattr(executors, "run_stage", fake)
+    path = write_sweep(in_tmp, {"method": ["configs/peft/bitfit.yaml"], "seed_everything": [0]},
+                       tune={"axis": LR, "values": [0.01, 0.001], "seeds": [0]})
+    assert sweep.main(["run", str(path)]) == 1, "the failed tuning run is reported"
+    out = in_tmp / "sweeps/sweep"
+    group = json.loads((out / "selection.json").read_text())["groups"]["bitfit"]
+    assert group["selected"] == 0.001
+    assert group["scores"] == {"0.01": {"mean": None, "seeds": {}}, "0.001": {"mean": 0.85, "seeds": {"0": 0.85}}}
+    assert group["excluded"] == {
+        "0.01": ["bitfit__lr=0.01__seed=0 failed: fit: FloatingPointError: Training loss is nan at step 7"]}
+    assert [p.parents[1].name for p in (out / "runs").glob("*/version_0/metrics.json")] == ["bitfit__seed=0__lr=0.001"]
+
+
+def test_a_tuned_value_with_any_unfinished_seed_or_nan_score_is_not_selectable(
+        in_tmp: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    # bitfit: lr 0.1 has the best seed (0.99) but its seed 1 failed; lr 0.01 finished with a nan score.
+    # lora: every value has a failed seed, so it gets no selection and no final runs.
+    val = {("bitfit", "0.1", "0"): 0.99, ("bitfit", "0.01", "0"): 0.95, ("bitfit", "0.01", "1"): float("nan"),
+           ("bitfit", "0.001", "0"): 0.7, ("bitfit", "0.001", "1"): 0.8, ("lora", "0.1", "0"): 0.9,
+           ("lora", "0.01", "1"): 0.9, ("lora", "0.001", "0"): 0.9}
+
+    def key(c: list[str]) -> tuple[str, str, str]:
+        return "lora" if "lora.yaml" in " ".join(c) else "bitfit", arg(c, f"--{LR}"), arg(c, "--seed_everything")
+
+    fake = FakeRunPy(val=lambda c: val[key(c)],
+                     fail=lambda c: c[2] == "fit" and "/tune/" in arg(c, "--trainer.logger.init_args.save_dir") + "/"
+                     and key(c) not in val)
+    monkeypatch.setattr(executors, "run_stage", fake)
+    path = write_sweep(in_tmp, {"method": ["configs/peft/bitfit.yaml", "configs/peft/lora.yaml"],
+                                "seed_everything": [0]},
+                       tune={"axis": LR, "values": [0.1, 0.01, 0.001], "seeds": [0, 1]})
+    assert sweep.main(["run", str(path)]) == 1
+    out = in_tmp / "sweeps/sweep"
+    groups = json.loads((out / "selection.json").read_text())["groups"]
+    bitfit = groups["bitfit"]
+    assert bitfit["selected"] == 0.001
+    assert bitfit["scores"]["0.1"] == {"mean": None, "seeds": {"0": 0.99}}
+    assert bitfit["scores"]["0.001"] == {"mean": 0.75, "seeds": {"0": 0.7, "1": 0.8}}
+    assert bitfit["excluded"] == {
+        "0.1": ["bitfit__lr=0.1__seed=1 failed: fit: the fake run failed."],
+        "0.01": ["bitfit__lr=0.01__seed=1 finished without a finite validation score (best_score: nan)"]}
+    lora = groups["lora"]
+    assert "selected" not in lora and sorted(lora["excluded"]) == ["0.001", "0.01", "0.1"]
+    assert lora["excluded"]["0.01"] == ["lora__lr=0.01__seed=0 failed: fit: the fake run failed."]
+    printed = capsys.readouterr().out
+    assert "  group lora: no tuned value has all its tuning runs finished (lora__lr=0.1__seed=1 failed: fit: the " \
+           "fake run failed.; lora__lr=0.01__seed=0 failed" in printed and "its final runs are skipped" in printed
+    assert [p.parents[1].name for p in (out / "runs").glob("*/version_0/metrics.json")] == ["bitfit__seed=0__lr=0.001"]
+    assert "| lora | none (no tuned value has all its tuning runs finished) |" in (out / "results.md").read_text()
+
+
+def test_a_tuning_run_finished_with_other_settings_is_not_selected(in_tmp: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    val = {"0.01": 0.9, "0.001": 0.8}
+    monkeypatch.setattr(executors, "run_stage", FakeRunPy(val=lambda c: val[arg(c, f"--{LR}")]))
+    path = write_sweep(in_tmp, {"seed_everything": [0]}, tune={"axis": LR, "values": [0.01, 0.001], "seeds": [0]})
+    assert sweep.main(["run", str(path)]) == 0
+    out = in_tmp / "sweeps/sweep"
+    assert json.loads((out / "selection.json").read_text())["groups"]["all"]["selected"] == 0.01
+    state_file = out / "sweep_state.json"
+    state = json.loads(state_file.read_text())
+    state["runs"]["tune/lr=0.01__seed=0"]["fingerprint"] = "0" * 16  # as if run before a settings change
+    state_file.write_text(json.dumps(state))
+
+    again = FakeRunPy()
+    monkeypatch.setattr(executors, "run_stage", again)
+    assert sweep.main(["run", str(path)]) == 0
+    assert again.stages() == [("fit", "seed=0__lr=0.001"), ("test", "seed=0__lr=0.001")], "the stale run is kept"
+    group = json.loads((out / "selection.json").read_text())["groups"]["all"]
+    assert group["selected"] == 0.001
+    assert group["excluded"] == {"0.01": ["lr=0.01__seed=0 finished with other settings (--force reruns it)"]}
+    assert json.loads(state_file.read_text())["runs"]["tune/lr=0.01__seed=0"]["status"] == "stale"
+    assert "1 runs (0 final, 1 tuning) finished with other settings" in (out / "results.md").read_text()
+
+
 # ---------------------------------------------------------------------------------------- report
 def test_report_tables_csv_and_plots(tmp_path: Path) -> None:
     runs = {}
@@ -362,14 +501,43 @@ def test_report_tables_csv_and_plots(tmp_path: Path) -> None:
     assert all(f.stat().st_size > 1000 for f in files if f.suffix == ".png")
     md = (tmp_path / "results.md").read_text()
     assert "| method | 0.1 | 1 |" in md
-    assert "| bitfit | **0.850 ± 0.071** | 0.910 ± 0.014 |" in md
-    assert "| lora | 0.700 ± 0.000 | **0.960 ± 0.014** |" in md
+    assert "| bitfit | **0.850 ± 0.071** | **0.910 ± 0.014** |" in md
+    assert "| lora | 0.700 ± 0.000 | 0.960 ± 0.014 (2 of 3) |" in md, "its third seed failed: not ranked"
     assert "8 runs finished, 1 failed" in md
     import csv
 
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert len(rows) == 9 and rows[-1]["status"] == "failed" and rows[-1]["error"] == "boom"
     assert rows[0]["peak_memory_mb"] == "70.0" and rows[0]["fit_wall_time_s"] == "9.0"
+
+
+def test_report_marks_cells_with_missing_or_non_finite_runs_and_never_ranks_them(tmp_path: Path) -> None:
+    runs = {}
+    results = {"bitfit": [0.80, 0.82, 0.84], "lora": [0.95, None, None], "ssf": [0.9, float("nan"), 0.9]}
+    for method, values in results.items():
+        for seed, auroc in enumerate(values):
+            name = f"{method}__seed={seed}"
+            version = tmp_path / "runs" / name / "version_0"
+            version.mkdir(parents=True)
+            entry = {"stage": "final", "name": name, "status": "done", "dir": str(version.parent),
+                     "labels": {"method": method, "seed": str(seed)}}
+            if auroc is None:
+                entry.update(status="failed", error="fit: FloatingPointError: Training loss is nan")
+            else:
+                (version / "metrics.json").write_text(json.dumps({"metrics": {"auroc": auroc}}))
+            runs[f"final/{name}"] = entry
+    (tmp_path / "sweep_state.json").write_text(json.dumps({"runs": runs}))
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "t", "axes": [
+        {"key": "method", "label": "method", "is_config": True},
+        {"key": "seed_everything", "label": "seed", "is_config": False}]}))
+    write_report(tmp_path)
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    assert lines[2] == ("Test-split metrics, mean ± std over 3 seeds; checkpoints and tuned values chosen on "
+                        "validation. 7 runs finished, 2 failed.")
+    assert lines[4:10] == ["## auroc (higher is better)", "", "| method | auroc |", "|---|---:|",
+                           "| bitfit | **0.820 ± 0.020** |", "| lora | 0.950 (1 of 3) |"]
+    assert lines[10] == "| ssf | 0.900 ± 0.000 (2 of 3) |", "a nan counts as missing, not as a smaller sample"
+    assert "averages the k finite values of its n planned runs and is not ranked" in lines[-1]
 
 
 # ---------------------------------------------------------------------------------------- real runs

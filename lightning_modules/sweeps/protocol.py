@@ -1,7 +1,8 @@
 """The evaluation protocol: checking runs before they start, and choosing tuned values on validation.
 
 Tuning runs only ever fit, so their test split is never evaluated; a value is chosen from the best
-validation score of each run's checkpoint callback (``best_score`` in ``fit_summary.json``).
+validation score of each run's checkpoint callback (``best_score`` in ``fit_summary.json``), and only
+from values whose tuning runs all finished under the sweep's current settings.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import io
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from statistics import mean
 from typing import Any
 from unittest import mock
@@ -20,6 +22,7 @@ import yaml
 
 from lightning_modules.sweeps.grid import SEED_KEY, Tune, format_value
 from lightning_modules.sweeps.plan import RunSpec
+from lightning_modules.sweeps.state import DONE, FAILED, STALE, run_status
 
 BOILERPLATE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:",
                "- Expected a <class 'NoneType'>", "Given value type:", "Given value:", "tip: ")
@@ -97,50 +100,73 @@ def tune_target(tune: Tune, configs: list[dict[str, Any]], where: str) -> tuple[
 
 
 def best_score(run: RunSpec) -> float | None:
-    """The best validation score of a finished fit: fit_summary.json, else the checkpoint callback."""
-    summary = run.version_dir / "fit_summary.json"
-    if summary.is_file():
-        score = json.loads(summary.read_text()).get("best_score")
-        if score is not None:
-            return float(score)
-    last = run.version_dir / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        return None
-    import torch
+    """The best validation score a finished fit recorded in its ``fit_summary.json`` (None if absent).
 
+    Only a finished fit has one: the ``last.ckpt`` of a fit that failed or stopped is no result.
+    """
+    summary = _read_json(run.version_dir / "fit_summary.json")
+    score = summary.get("best_score") if isinstance(summary, dict) else None
+    return float(score) if isinstance(score, (int, float)) else None
+
+
+def _read_json(path: Path) -> Any:
     try:
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - an unreadable checkpoint has no score
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
-    for key, state in (ckpt.get("callbacks") or {}).items():
-        if str(key).startswith("ModelCheckpoint") and state.get("best_model_score") is not None:
-            return float(state["best_model_score"])
-    return None
 
 
-def select(tune: Tune, runs: list[RunSpec], metric: str, mode: str) -> dict[str, Any]:
+def _why_excluded(run: RunSpec, status: str, entry: Mapping[str, Any], score: float | None) -> str | None:
+    """Why ``run`` cannot contribute a score (None when it can): only finished, current, finite fits count."""
+    if status == DONE:
+        return None if score is not None and math.isfinite(score) else (
+            f"{run.name} finished without a finite validation score (best_score: {score})")
+    if status == STALE:
+        return f"{run.name} finished with other settings (--force reruns it)"
+    if status == FAILED:
+        return f"{run.name} failed: {entry.get('error') or 'no error recorded'}"
+    return f"{run.name} did not finish ({status})"
+
+
+def select(tune: Tune, runs: list[RunSpec], metric: str, mode: str,
+           entries: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Per group, the tuned value with the best mean validation score over the tuning seeds.
 
-    Ties keep the value listed first. Groups whose runs all failed get no selection.
+    ``entries`` are the sweep state's records by run key (statuses, errors, fingerprints). A value is
+    selectable only when every one of its tuning runs finished under the current settings with a finite
+    score: a diverged value must lose, and means over different seed sets are not comparable. Each
+    group records its ``excluded`` values with the reasons. Ties keep the value listed first; groups
+    whose values are all excluded get no selection.
     """
+    entries = entries or {}
     groups: dict[str, dict[str, dict[str, float]]] = {}
+    excluded: dict[str, dict[str, list[str]]] = {}
     values: dict[str, Any] = {}
     for run in runs:
         value = run.values[tune.axis]
         label = format_value(value)
         values[label] = value
-        score = best_score(run)
+        entry = entries.get(run.key, {})
+        status = run_status(run, entry)
+        score = best_score(run) if status == DONE else None
         per_value = groups.setdefault(run.group, {}).setdefault(label, {})
-        if score is not None and math.isfinite(score):
+        reason = _why_excluded(run, status, entry, score)
+        if reason is None:
             per_value[str(run.values.get(SEED_KEY, "base"))] = score
+        else:
+            excluded.setdefault(run.group, {}).setdefault(label, []).append(reason)
     order = [format_value(v) for v in tune.values]
     result: dict[str, Any] = {"axis": tune.axis, "metric": metric, "mode": mode, "groups": {}}
     for group, per_value in groups.items():
-        means = {label: mean(s.values()) for label, s in per_value.items() if s}
-        entry: dict[str, Any] = {"scores": {label: {"mean": means.get(label), "seeds": per_value[label]}
-                                            for label in order if label in per_value}}
+        left_out = excluded.get(group, {})
+        means = {label: mean(s.values()) for label, s in per_value.items() if s and label not in left_out}
+        record: dict[str, Any] = {
+            "scores": {label: {"mean": means.get(label), "seeds": per_value[label]}
+                       for label in order if label in per_value},
+            "excluded": {label: left_out[label] for label in order if label in left_out},
+        }
         if means:
             ranked = sorted(means, key=lambda lb: (-means[lb] if mode == "max" else means[lb], order.index(lb)))
-            entry["selected"] = values[ranked[0]]
-        result["groups"][group] = entry
+            record["selected"] = values[ranked[0]]
+        result["groups"][group] = record
     return result

@@ -1,7 +1,9 @@
 """Sweep report: ``results.csv`` (one row per run), ``results.md`` (mean ± std over seeds) and plots.
 
 Everything is read back from the run directories (``metrics.json``, ``fit_summary.json``), so a
-sweep interrupted half-way reports the runs that finished.
+sweep interrupted half-way reports the runs that finished. A table cell that has fewer finite values
+than the runs planned for it says so (``0.950 (1 of 3)``) and is never ranked best; runs finished with
+other settings than the sweep's current ones (status ``stale``) are listed in ``results.csv`` only.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
-from lightning_modules.sweeps.state import DONE, STATE_FILE
+from lightning_modules.sweeps.state import DONE, STALE, STATE_FILE
 
 SWEEP_INFO = "sweep.json"
 LOWER_IS_BETTER = {"loss", "ece", "fid"}
@@ -44,7 +46,8 @@ def collect(out: Path) -> tuple[list[dict[str, Any]], list[str], list[str]]:
         version = Path(entry["dir"]) / "version_0"
         result = _read(version / "metrics.json")
         summary = _read(version / "fit_summary.json") or {}
-        row: dict[str, Any] = {"name": entry["name"], "status": DONE if result else entry.get("status")}
+        status = STALE if entry.get("status") == STALE else DONE if result else entry.get("status")
+        row: dict[str, Any] = {"name": entry["name"], "status": status}
         for label, value in entry.get("labels", {}).items():
             row[label] = value
             axes += [] if label in axes else [label]
@@ -64,6 +67,13 @@ def collect(out: Path) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     return rows, axes, metrics
 
 
+def _stale_tuning_runs(out: Path) -> int:
+    """Tuning runs of the current plan that finished with other settings."""
+    state = _read(out / STATE_FILE) or {}
+    planned = set((state.get("plan") or {}).get("tune") or [])
+    return sum(entry.get("status") == STALE for key, entry in (state.get("runs") or {}).items() if key in planned)
+
+
 def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
@@ -73,8 +83,17 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> No
     tmp.replace(path)
 
 
+def _finite(value: Any) -> float | None:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
 def _stats(values: Iterable[Any]) -> tuple[float, float, int] | None:
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    """(mean, std, count) of the finite values; missing and non-finite values are not counted."""
+    vals = [x for x in map(_finite, values) if x is not None]
     if not vals:
         return None
     return mean(vals), stdev(vals) if len(vals) > 1 else 0.0, len(vals)
@@ -114,39 +133,59 @@ def _groups(rows: list[dict[str, Any]], keys: list[str]) -> dict[tuple, list[dic
     return out
 
 
-def markdown(rows: list[dict[str, Any]], layout: Layout, info: dict[str, Any], n_failed: int) -> str:
-    """Method rows x column-axis columns, ``mean ± std`` over seeds, best of each column in bold."""
+def markdown(rows: list[dict[str, Any]], layout: Layout, info: dict[str, Any], n_failed: int,
+             n_stale_tuning: int = 0) -> str:
+    """Method rows x column-axis columns, ``mean ± std`` over seeds, best of each column in bold.
+
+    A cell averages the finite values of its finished runs; one with fewer of them than runs planned
+    for it shows ``(k of n)`` and is not ranked. Stale runs count as planned, never as finished.
+    """
     done = [r for r in rows if r["status"] == DONE]
+    n_stale = sum(r["status"] == STALE for r in rows)
     lines = [f"# Sweep {info.get('name', '')}".rstrip(), ""]
-    n_seeds = len({r.get(layout.seed) for r in done}) if layout.seed else 1
+    n_seeds = len({r.get(layout.seed) for r in rows}) if layout.seed else 1
     seeds = f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "one run per cell"
-    lines.append(f"Test-split metrics, {seeds}; checkpoints and tuned values chosen on validation. "
-                 f"{len(done)} runs finished, {n_failed} failed.")
+    header = (f"Test-split metrics, {seeds}; checkpoints and tuned values chosen on validation. "
+              f"{len(done)} runs finished, {n_failed} failed.")
+    if n_stale or n_stale_tuning:
+        which = f" ({n_stale} final, {n_stale_tuning} tuning)" if n_stale_tuning else ""
+        rerun = f"python sweep.py run {info.get('sweep_file') or '<sweep file>'} --force"
+        header += (f" {n_stale + n_stale_tuning} runs{which} finished with other settings than the sweep's "
+                   f"current ones and are left out of the tables and the tuning selection; `{rerun}` reruns them.")
+    lines.append(header)
     row_key = [layout.rows] if layout.rows else []
     for metric, (table_key, table_rows) in itertools.product(layout.metrics,
-                                                             _groups(done, layout.tables).items()):
+                                                             _groups(rows, layout.tables).items()):
         better = min if metric in LOWER_IS_BETTER else max
         title = ", ".join(f"{k}={v}" for k, v in zip(layout.tables, table_key, strict=True))
         lines += ["", f"## {metric} ({'lower' if better is min else 'higher'} is better){' — ' + title if title else ''}", ""]
         columns = sorted(_groups(table_rows, layout.columns), key=lambda c: [_sort_key(v) for v in c])
         grouped = _groups(table_rows, row_key + layout.columns)
         row_values = sorted({k[0] for k in grouped} if row_key else {None}, key=_sort_key)
-        cells = {}
+        cells, planned = {}, {}
         for key, group in grouped.items():
-            rkey = key[0] if row_key else None
-            cells[(rkey, key[len(row_key):])] = _stats(r.get(metric) for r in group)
-        best = {c: better((s[0] for (r, cc), s in cells.items() if cc == c and s), default=None) for c in columns}
+            cell = (key[0] if row_key else None, key[len(row_key):])
+            cells[cell] = _stats(r.get(metric) for r in group if r["status"] == DONE)
+            planned[cell] = len(group)
+        complete = {c for c, s in cells.items() if s is not None and s[2] == planned[c]}
+        best = {c: better((cells[(r, cc)][0] for (r, cc) in complete if cc == c), default=None) for c in columns}
         header = " · ".join(layout.columns) or metric
         lines.append(f"| {layout.rows or ''} | " + " | ".join(" · ".join(map(str, c)) or metric for c in columns) + " |")
         lines.append("|---|" + "---:|" * len(columns))
+        partial = False
         for rkey in row_values:
             out = []
             for c in columns:
-                s = cells.get((rkey, c))
+                s, n = cells.get((rkey, c)), planned.get((rkey, c), 0)
                 text = "–" if s is None else _fmt(s[0]) + (f" ± {_fmt(s[1])}" if s[2] > 1 else "")
-                out.append(f"**{text}**" if s is not None and s[0] == best[c] else text)
+                if n and (rkey, c) not in complete:
+                    text += f" ({s[2] if s else 0} of {n})"
+                    partial = True
+                out.append(f"**{text}**" if (rkey, c) in complete and s[0] == best[c] else text)
             lines.append(f"| {rkey if rkey is not None else 'all'} | " + " | ".join(out) + " |")
         lines.append(f"\nColumns: {header}.")
+        if partial:
+            lines.append("A cell marked (k of n) averages the k finite values of its n planned runs and is not ranked.")
     return "\n".join(lines) + "\n"
 
 
@@ -168,14 +207,14 @@ def write_report(out: str | Path) -> list[Path]:
     columns = ["name", "status", *axes, *metrics, "val_best_score", *RESOURCE_KEYS, "error"]
     written = [out / "results.csv", out / "results.md"]
     _write_csv(written[0], rows, columns)
-    n_failed = sum(r["status"] != DONE for r in rows)
-    text = markdown(rows, layout, info, n_failed)
+    n_failed = sum(r["status"] not in (DONE, STALE) for r in rows)
+    text = markdown(rows, layout, info, n_failed, _stale_tuning_runs(out))
     selection = _read(out / "selection.json")
     if selection:
         text += f"\n## Selected {selection['axis']} (validation {selection['metric']}, {selection['mode']})\n\n"
         text += "| group | value |\n|---|---:|\n"
         for group, entry in selection["groups"].items():
-            text += f"| {group} | {entry.get('selected', 'none (no tuning run finished)')} |\n"
+            text += f"| {group} | {entry.get('selected', 'none (no tuned value has all its tuning runs finished)')} |\n"
     (out / "results.md").write_text(text)
     from lightning_modules.sweeps.plots import plot_curves
 

@@ -2,7 +2,10 @@
 
 The run directories stay the ground truth: a run whose marker file (``metrics.json``, or
 ``fit_summary.json`` for tuning runs) exists is finished whatever the state says, so a sweep
-process that crashed between a run's end and the state update loses nothing.
+process that crashed between a run's end and the state update loses nothing. A run that finished
+with other arguments than its current ones (the fingerprint recorded when it started differs) is
+``stale``: kept, since only ``--force`` overwrites finished runs, but neither reported nor used for
+tuning as if it were current.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +21,20 @@ from lightning_modules.results import write_json_atomic
 from lightning_modules.sweeps.plan import RunSpec
 
 STATE_FILE = "sweep_state.json"
-PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+PENDING, RUNNING, DONE, FAILED, STALE = "pending", "running", "done", "failed", "stale"
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def run_status(run: RunSpec, entry: Mapping[str, Any]) -> str:
+    """The status of ``run`` now: its marker file decides whether it finished (``DONE``, or ``STALE``
+    when it finished with other arguments), else the status recorded in its state ``entry``."""
+    if run.marker.is_file():
+        return STALE if entry.get("fingerprint") not in (None, run.fingerprint()) else DONE
+    status = entry.get("status", PENDING)
+    return PENDING if status in (DONE, STALE) else status  # its results were removed since
 
 
 class SweepState:
