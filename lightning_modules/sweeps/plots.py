@@ -14,7 +14,8 @@ from typing import Any
 from lightning_modules.sweeps.grid import sanitize
 
 
-def _num(value: Any) -> float | None:
+def finite(value: Any) -> float | None:
+    """``value`` as a finite float, or None (missing, not a number, nan or inf)."""
     try:
         x = float(value)
     except (TypeError, ValueError):
@@ -88,9 +89,9 @@ def _fraction_plot(out, metric, layout, panels, panel_keys, line_key) -> Path:  
         for line, members in sorted(_by(group, line_key).items(), key=lambda kv: str(kv[0])):
             points = []
             for x, at_x in _by(members, [layout.x]).items():
-                vals = [v for v in (_num(r.get(metric)) for r in at_x) if v is not None]
-                if _num(x[0]) is not None and vals:
-                    points.append((_num(x[0]), *_mean_std(vals)))
+                vals = [v for v in (finite(r.get(metric)) for r in at_x) if v is not None]
+                if finite(x[0]) is not None and vals:
+                    points.append((finite(x[0]), *_mean_std(vals)))
             if not points:
                 continue
             points.sort()
@@ -109,12 +110,12 @@ def _params_plot(out, metric, layout, panels, panel_keys, line_key) -> Path:  # 
     for ax, (key, group) in zip(axes, panels, strict=True):
         title = _title(panel_keys, key)
         if layout.x:  # the full-data end of the curve: the largest training-set size
-            largest = max((_num(r.get(layout.x)) for r in group if _num(r.get(layout.x)) is not None), default=None)
-            group = [r for r in group if _num(r.get(layout.x)) == largest]
+            largest = max((finite(r.get(layout.x)) for r in group if finite(r.get(layout.x)) is not None), default=None)
+            group = [r for r in group if finite(r.get(layout.x)) == largest]
             title = f"{title if panel_keys else ''}{', ' if panel_keys else ''}{layout.x}={largest:g}"
         for line, members in sorted(_by(group, line_key).items(), key=lambda kv: str(kv[0])):
-            pct = [p for p in (_num(r.get("trainable_pct")) for r in members) if p is not None and p > 0]
-            vals = [v for v in (_num(r.get(metric)) for r in members) if v is not None]
+            pct = [p for p in (finite(r.get("trainable_pct")) for r in members) if p is not None and p > 0]
+            vals = [v for v in (finite(r.get(metric)) for r in members) if v is not None]
             if not pct or not vals:
                 continue
             y, err = _mean_std(vals)

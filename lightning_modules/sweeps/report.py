@@ -11,12 +11,12 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
+from lightning_modules.sweeps.plots import finite
 from lightning_modules.sweeps.state import DONE, STALE, STATE_FILE
 
 SWEEP_INFO = "sweep.json"
@@ -83,17 +83,9 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> No
     tmp.replace(path)
 
 
-def _finite(value: Any) -> float | None:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
 def _stats(values: Iterable[Any]) -> tuple[float, float, int] | None:
     """(mean, std, count) of the finite values; missing and non-finite values are not counted."""
-    vals = [x for x in map(_finite, values) if x is not None]
+    vals = [x for x in map(finite, values) if x is not None]
     if not vals:
         return None
     return mean(vals), stdev(vals) if len(vals) > 1 else 0.0, len(vals)
