@@ -20,7 +20,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from datamodules.sampling import ResumableDataLoader, ResumableTrainOrder
+from datamodules.sampling import ResumableDataLoader, ResumableTrainOrder, eval_sampler
 from datamodules.splits import check_low_data_args, low_data_subset
 
 log = logging.getLogger("medpeft")
@@ -258,27 +258,8 @@ class ImageClassificationDataModule(ResumableTrainOrder, L.LightningDataModule):
         return v2.Resize((self.image_size, self.image_size), antialias=True)
 
     def eval_sampler(self, split: str, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
-        """This rank's unpadded, in-order share of an evaluation split under DDP; None in one process.
-
-        Lightning would otherwise wrap the loader in a DistributedSampler, which pads the shares to
-        equal length with repeated samples that metrics synced over ranks then count twice. Being a
-        DistributedSampler, this one is used as is. Uneven shares are safe in evaluation: DDP syncs
-        buffers at most on the first forward without gradients, and torchmetrics states and gathered
-        outputs accept any number of batches per rank, but every rank needs a batch.
-        """
-        trainer, size = self.trainer, len(dataset)
-        world_size = int(trainer.world_size) if trainer is not None else 1
-        if world_size <= 1 or size == 0:
-            return None
-        if size < world_size:
-            raise ValueError(
-                f"the {split} split of {type(self).__name__} has {size} sample(s) but the run has "
-                f"{world_size} processes, and each needs at least one; give the {split} split at least "
-                f"{world_size} samples or run on fewer devices (trainer.devices x trainer.num_nodes)."
-            )
-        return UnrepeatedDistributedSampler(
-            dataset, num_replicas=world_size, rank=int(trainer.global_rank), shuffle=False
-        )
+        """This rank's unpadded, in-order share of an evaluation split under DDP (``sampling.eval_sampler``)."""
+        return eval_sampler(self, split, dataset)
 
     def _eval_loader(self, split: str) -> DataLoader:
         ds = self._dataset(split)

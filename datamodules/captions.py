@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import default_num_workers
-from datamodules.sampling import ResumableDataLoader, ResumableTrainOrder
+from datamodules.sampling import ResumableDataLoader, ResumableTrainOrder, eval_sampler
 from datamodules.splits import stratified_split
 
 log = logging.getLogger("medpeft")
@@ -89,10 +89,17 @@ class _CaptionDataModule(ResumableTrainOrder, L.LightningDataModule):
         return self._loader(self._dataset("train"))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("val"))
+        """The val split in order; under DDP each rank evaluates its own share (``sampling.eval_sampler``)."""
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("test"))
+        """The test split in order; under DDP each rank evaluates its own share (``sampling.eval_sampler``)."""
+        return self._eval_loader("test")
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        ds = self._dataset(split)
+        sampler = eval_sampler(self, split, ds)
+        return self._loader(ds) if sampler is None else self._loader(ds, sampler=sampler)
 
     def predict_dataloader(self) -> DataLoader:
         if not self.predict_prompts:

@@ -154,3 +154,27 @@ class ResumableTrainOrder:
                 "or from a checkpoint written at an epoch's end."
             )
         return sampler
+
+
+def eval_sampler(datamodule: Any, split: str, dataset: Any) -> Any:
+    """This rank's unpadded, in-order share of an evaluation split under DDP; None in one process.
+
+    Lightning would otherwise wrap the loader in a DistributedSampler, which pads the shares to
+    equal length with repeated samples that metrics synced over ranks then count twice. Being a
+    DistributedSampler, this one is used as is. Uneven shares are safe in evaluation: DDP syncs
+    buffers at most on the first forward without gradients, and torchmetrics states and gathered
+    outputs accept any number of batches per rank, but every rank needs a batch.
+    """
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    trainer, size = datamodule.trainer, len(dataset)
+    world_size = int(trainer.world_size) if trainer is not None else 1
+    if world_size <= 1 or size == 0:
+        return None
+    if size < world_size:
+        raise ValueError(
+            f"the {split} split of {type(datamodule).__name__} has {size} sample(s) but the run has "
+            f"{world_size} processes, and each needs at least one; give the {split} split at least "
+            f"{world_size} samples or run on fewer devices (trainer.devices x trainer.num_nodes)."
+        )
+    return UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=int(trainer.global_rank), shuffle=False)

@@ -14,13 +14,19 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
-from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from lightning_modules import results
 from lightning_modules.backbones import create_backbone
 from lightning_modules.feature_cache import FrozenFeatureCache
-from lightning_modules.metrics import TASKS, classification_metrics, confusion_figure, per_group_metrics
+from lightning_modules.metrics import (
+    TASKS,
+    classification_metrics,
+    confusion_figure,
+    eval_loss_means,
+    log_eval_loss,
+    per_group_metrics,
+)
 from lightning_modules.resume import seed_batch
 from lightning_modules.speedups import (
     can_fuse_adamw,
@@ -159,9 +165,7 @@ class ImageClassifier(L.LightningModule):
         self.train_metrics = classification_metrics(task, num_classes, "train/", only=("acc",))
         self.val_metrics = classification_metrics(task, num_classes, "val/")
         self.test_metrics = classification_metrics(task, num_classes, "test/")
-        # Sample-weighted mean losses synced as float sums: Lightning's own sync_dist mean averages
-        # the ranks' sample counts as integers, which skews it when a split does not divide evenly.
-        self.val_loss_mean, self.test_loss_mean = MeanMetric(), MeanMetric()
+        self.val_loss_mean, self.test_loss_mean = eval_loss_means()  # see log_eval_loss
         if task != "multilabel":
             self.val_confusion = MulticlassConfusionMatrix(num_classes)
             self.test_confusion = MulticlassConfusionMatrix(num_classes)
@@ -233,9 +237,7 @@ class ImageClassifier(L.LightningModule):
         if stage == "train":
             self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
         else:
-            mean = getattr(self, f"{stage}_loss_mean")
-            mean.update(loss.detach().float(), weight=size)
-            self.log(f"{stage}/loss", mean, on_step=False, on_epoch=True, prog_bar=True)
+            log_eval_loss(self, stage, loss, size)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=size)
         if stage != "train" and self.task != "multilabel":
             getattr(self, f"{stage}_confusion").update(probs.argmax(-1), metric_target)

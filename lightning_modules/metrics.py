@@ -1,9 +1,11 @@
-"""Classification metrics per stage and the confusion-matrix figure."""
+"""Classification metrics per stage, the confusion-matrix figure, and the evaluation loss logged across ranks."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     BinaryCalibrationError,
     MulticlassAccuracy,
@@ -24,6 +26,22 @@ class MultilabelCalibrationError(BinaryCalibrationError):
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:  # type: ignore[override]
         super().update(preds.reshape(-1), target.reshape(-1).long())
+
+
+def eval_loss_means() -> tuple[MeanMetric, MeanMetric]:
+    """The val and test loss accumulators of ``log_eval_loss`` (set as ``val_loss_mean`` / ``test_loss_mean``)."""
+    return MeanMetric(), MeanMetric()
+
+
+def log_eval_loss(module: Any, stage: str, loss: torch.Tensor, size: int) -> None:
+    """Logs ``{stage}/loss`` as the sample-weighted mean over every rank's samples.
+
+    A MeanMetric syncs float sums; Lightning's own ``sync_dist`` mean averages the ranks' sample counts
+    as integers, which skews it when an evaluation split does not divide evenly over the ranks.
+    """
+    metric = getattr(module, f"{stage}_loss_mean")
+    metric.update(loss.detach().float(), weight=size)
+    module.log(f"{stage}/loss", metric, on_step=False, on_epoch=True, prog_bar=True)
 
 
 def classification_metrics(

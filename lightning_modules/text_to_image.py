@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_modules import results
+from lightning_modules.metrics import eval_loss_means, log_eval_loss
 from lightning_modules.resume import seed_batch
 from lightning_modules.t2i_data import LatentCache, TextEncoding
 from lightning_modules.t2i_evaluation import EvaluationHooks
@@ -129,6 +130,7 @@ class TextToImage(SamplingHooks, EvaluationHooks, L.LightningModule):
         #: The full scheduler config (DDIM sampling reads keys the DDPM training scheduler drops).
         self.scheduler_config = {**comps.scheduler_config, "prediction_type": prediction_type}
         self.noise_scheduler = scheduler_from_config(DDPMScheduler, self.scheduler_config)
+        self.val_loss_mean, self.test_loss_mean = eval_loss_means()  # see log_eval_loss
         self.unet = self.peft.apply(comps.unet)
         trainable, total = count_params(self.unet)
         if trainable == 0:
@@ -213,7 +215,7 @@ class TextToImage(SamplingHooks, EvaluationHooks, L.LightningModule):
         g = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + batch_idx)
         latents, embeddings = self._inputs(batch, list(batch["caption"]), generator=g)
         loss = diffusion_loss(self.unet, self.noise_scheduler, latents, embeddings, self.hparams.snr_gamma, g)
-        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=latents.shape[0])
+        log_eval_loss(self, stage, loss, latents.shape[0])
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_loss(batch, batch_idx, "val")

@@ -13,6 +13,7 @@ import functools
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -501,3 +502,32 @@ def test_latents_are_encoded_from_every_training_pair_in_order() -> None:
     assert ids == [data._dataset("train")[k]["id"] for k in range(len(ids))]
     assert sorted(ids) == sorted(shuffled) and ids != shuffled
     assert isinstance(data.train_dataloader().sampler, EpochShuffleSampler)
+
+
+def test_caption_eval_loaders_under_ddp_evaluate_every_sample_exactly_once(monkeypatch) -> None:
+    from torch.utils.data import DistributedSampler, SequentialSampler
+
+    assert isinstance(tiny_data(num_val=5).val_dataloader().sampler, SequentialSampler)  # one process
+    for split, size in (("val", 5), ("test", 7)):
+        shares, ids = [], []
+        for rank in (0, 1):
+            dm = tiny_data(num_val=5, num_test=7, batch_size=2)
+            monkeypatch.setattr(dm, "trainer", SimpleNamespace(world_size=2, global_rank=rank))
+            loader = getattr(dm, f"{split}_dataloader")()
+            assert isinstance(loader.sampler, DistributedSampler)  # kept by Lightning, not padded
+            shares.append(list(loader.sampler))
+            ids += [i for b in loader for i in b["id"]]
+        assert sorted(shares[0] + shares[1]) == list(range(size)) and not set(shares[0]) & set(shares[1])
+        assert len(ids) == size and len(set(ids)) == size  # no caption twice, none left out
+
+
+def test_eval_loss_is_the_sample_weighted_mean_of_uneven_batches() -> None:
+    from lightning_modules.metrics import eval_loss_means, log_eval_loss
+
+    logged = {}
+    module = SimpleNamespace(log=lambda name, value, **kw: logged.update({name: value}))
+    module.val_loss_mean, module.test_loss_mean = eval_loss_means()
+    for loss, size in ((1.0, 8), (4.0, 1)):  # batches of 8 and 1: weighted mean 12 / 9
+        log_eval_loss(module, "val", torch.tensor(loss), size)
+    assert logged["val/loss"] is module.val_loss_mean
+    assert module.val_loss_mean.compute().item() == pytest.approx(12 / 9)
