@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
@@ -24,6 +23,9 @@ from datamodules.sampling import ResumableDataLoader, ResumableTrainOrder, eval_
 from datamodules.splits import check_low_data_args, low_data_subset
 
 log = logging.getLogger("medpeft")
+
+#: How a val / test split drawn by fractions gets samples of every class (``_check_eval_classes``).
+FRACTION_REMEDY = "a larger {split}_fraction or another seed"
 
 SPLITS = ("train", "val", "test")
 TASKS = ("multiclass", "multilabel", "binary")
@@ -236,11 +238,11 @@ class ImageClassificationDataModule(ResumableTrainOrder, L.LightningDataModule):
         return self._loader(ds, sampler=sampler, drop_last=drop_last, loader=ResumableDataLoader)
 
     def val_dataloader(self) -> DataLoader:
-        """The val split in order; under DDP each rank evaluates its own share (``eval_sampler``)."""
+        """The val split in order; under DDP each rank evaluates its own share (``sampling.eval_sampler``)."""
         return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        """The test split in order; under DDP each rank evaluates its own share (``eval_sampler``)."""
+        """The test split in order; under DDP each rank evaluates its own share (``sampling.eval_sampler``)."""
         return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
@@ -257,16 +259,12 @@ class ImageClassificationDataModule(ResumableTrainOrder, L.LightningDataModule):
     def _eval_transform(self) -> Callable:
         return v2.Resize((self.image_size, self.image_size), antialias=True)
 
-    def eval_sampler(self, split: str, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
-        """This rank's unpadded, in-order share of an evaluation split under DDP (``sampling.eval_sampler``)."""
-        return eval_sampler(self, split, dataset)
-
     def _eval_loader(self, split: str) -> DataLoader:
         ds = self._dataset(split)
-        return self._loader(ds, sampler=self.eval_sampler(split, ds))
+        return self._loader(ds, sampler=eval_sampler(self, split, ds))
 
     def _check_eval_classes(
-        self, labels: Mapping[str, np.ndarray], remedy: str = "a larger {split}_fraction or another seed"
+        self, labels: Mapping[str, np.ndarray], remedy: str = FRACTION_REMEDY
     ) -> None:
         """Raises a ValueError when a non-empty val or test split lacks a class (call after ``_set_classes``).
 

@@ -76,7 +76,7 @@ class _CaptionDataModule(ResumableTrainOrder, L.LightningDataModule):
 
     def _loader(self, ds: Dataset, loader: type[DataLoader] = DataLoader, **kwargs: Any) -> DataLoader:
         return loader(ds, batch_size=self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0 and "sampler" not in kwargs, **kwargs)
+                          persistent_workers=self.num_workers > 0 and kwargs.get("sampler") is None, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled per epoch from (seed, epoch), sharded per rank, resumable mid-epoch (``datamodules.sampling``)."""
@@ -98,8 +98,7 @@ class _CaptionDataModule(ResumableTrainOrder, L.LightningDataModule):
 
     def _eval_loader(self, split: str) -> DataLoader:
         ds = self._dataset(split)
-        sampler = eval_sampler(self, split, ds)
-        return self._loader(ds) if sampler is None else self._loader(ds, sampler=sampler)
+        return self._loader(ds, sampler=eval_sampler(self, split, ds))
 
     def predict_dataloader(self) -> DataLoader:
         if not self.predict_prompts:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from datamodules import cache
-from datamodules.base import SPLITS, ImageClassificationDataModule, SplitData
+from datamodules.base import FRACTION_REMEDY, SPLITS, ImageClassificationDataModule, SplitData
 from datamodules.splits import stratified_split
 
 log = logging.getLogger("medpeft")
@@ -40,7 +40,7 @@ class _FileDataModule(ImageClassificationDataModule):
         class_names: Sequence[str],
         splits: dict[str, np.ndarray],
         channels: int | None,
-        eval_remedy: str = "a larger {split}_fraction or another seed",
+        eval_remedy: str = FRACTION_REMEDY,
     ) -> None:
         self.files, self.ids, self.labels, self.splits = files, ids, labels, splits
         self._image_cache: cache.ImageCache | None = None
@@ -262,7 +262,7 @@ class CSVDataModule(_FileDataModule):
             if groups is not None:
                 _warn_group_leak(groups, splits, self.csv_path)
         self.cache_dir, self.skip_corrupt = cache_dir, skip_corrupt
-        remedy = "a larger {split}_fraction or another seed"
+        remedy = FRACTION_REMEDY
         if splits is None:
             splits = _fraction_split(labels, val_fraction, test_fraction, seed, groups)
         else:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
@@ -156,7 +157,7 @@ class ResumableTrainOrder:
         return sampler
 
 
-def eval_sampler(datamodule: Any, split: str, dataset: Any) -> Any:
+def eval_sampler(datamodule: Any, split: str, dataset: Any) -> UnrepeatedDistributedSampler | None:
     """This rank's unpadded, in-order share of an evaluation split under DDP; None in one process.
 
     Lightning would otherwise wrap the loader in a DistributedSampler, which pads the shares to
@@ -165,8 +166,6 @@ def eval_sampler(datamodule: Any, split: str, dataset: Any) -> Any:
     buffers at most on the first forward without gradients, and torchmetrics states and gathered
     outputs accept any number of batches per rank, but every rank needs a batch.
     """
-    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-
     trainer, size = datamodule.trainer, len(dataset)
     world_size = int(trainer.world_size) if trainer is not None else 1
     if world_size <= 1 or size == 0:
