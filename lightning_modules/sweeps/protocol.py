@@ -13,7 +13,6 @@ import json
 import math
 import sys
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from statistics import mean
 from typing import Any
 from unittest import mock
@@ -22,7 +21,7 @@ import yaml
 
 from lightning_modules.sweeps.grid import SEED_KEY, Tune, format_value
 from lightning_modules.sweeps.plan import RunSpec
-from lightning_modules.sweeps.state import DONE, FAILED, STALE, run_status
+from lightning_modules.sweeps.state import DONE, FAILED, STALE, read_json, run_status
 
 BOILERPLATE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:",
                "- Expected a <class 'NoneType'>", "Given value type:", "Given value:", "tip: ")
@@ -104,16 +103,9 @@ def best_score(run: RunSpec) -> float | None:
 
     Only a finished fit has one: the ``last.ckpt`` of a fit that failed or stopped is no result.
     """
-    summary = _read_json(run.version_dir / "fit_summary.json")
+    summary = read_json(run.version_dir / "fit_summary.json")
     score = summary.get("best_score") if isinstance(summary, dict) else None
     return float(score) if isinstance(score, (int, float)) else None
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _why_excluded(run: RunSpec, status: str, entry: Mapping[str, Any], score: float | None) -> str | None:

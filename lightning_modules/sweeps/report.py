@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
 from lightning_modules.sweeps.plots import finite
-from lightning_modules.sweeps.state import DONE, STALE, STATE_FILE
+from lightning_modules.sweeps.state import DONE, STALE, STATE_FILE, read_json
 
 SWEEP_INFO = "sweep.json"
 LOWER_IS_BETTER = {"loss", "ece", "fid"}
@@ -26,16 +25,9 @@ RESOURCE_KEYS = ("trainable_params", "total_params", "trainable_pct", "fit_wall_
                  "test_wall_time_s", "peak_memory_mb")
 
 
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def collect(out: Path) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """Rows of the final runs, the axis columns and the metric columns."""
-    state = _read(out / STATE_FILE)
+    state = read_json(out / STATE_FILE)
     if state is None:
         raise FileNotFoundError(f"{out} has no readable {STATE_FILE}: it is not a sweep output directory.")
     rows, axes, metrics = [], [], []
@@ -44,8 +36,8 @@ def collect(out: Path) -> tuple[list[dict[str, Any]], list[str], list[str]]:
         if entry.get("stage") != "final" or (planned is not None and key not in planned):
             continue  # tuning runs, and runs of an earlier plan (e.g. another tuned value)
         version = Path(entry["dir"]) / "version_0"
-        result = _read(version / "metrics.json")
-        summary = _read(version / "fit_summary.json") or {}
+        result = read_json(version / "metrics.json")
+        summary = read_json(version / "fit_summary.json") or {}
         status = STALE if entry.get("status") == STALE else DONE if result else entry.get("status")
         row: dict[str, Any] = {"name": entry["name"], "status": status}
         for label, value in entry.get("labels", {}).items():
@@ -69,7 +61,7 @@ def collect(out: Path) -> tuple[list[dict[str, Any]], list[str], list[str]]:
 
 def _stale_tuning_runs(out: Path) -> int:
     """Tuning runs of the current plan that finished with other settings."""
-    state = _read(out / STATE_FILE) or {}
+    state = read_json(out / STATE_FILE) or {}
     planned = set((state.get("plan") or {}).get("tune") or [])
     return sum(entry.get("status") == STALE for key, entry in (state.get("runs") or {}).items() if key in planned)
 
@@ -192,7 +184,7 @@ def write_report(out: str | Path) -> list[Path]:
     """Writes results.csv, results.md and the plots into ``out``; returns the files written."""
     out = Path(out)
     rows, axes, metrics = collect(out)
-    info = _read(out / SWEEP_INFO) or {}
+    info = read_json(out / SWEEP_INFO) or {}
     order = [a["label"] for a in info.get("axes", [])] + [(info.get("tune") or {}).get("label")]
     axes.sort(key=lambda a: order.index(a) if a in order else len(order))  # the sweep file's axis order
     layout = Layout(axes, info, metrics)
@@ -201,7 +193,7 @@ def write_report(out: str | Path) -> list[Path]:
     _write_csv(written[0], rows, columns)
     n_failed = sum(r["status"] not in (DONE, STALE) for r in rows)
     text = markdown(rows, layout, info, n_failed, _stale_tuning_runs(out))
-    selection = _read(out / "selection.json")
+    selection = read_json(out / "selection.json")
     if selection:
         text += f"\n## Selected {selection['axis']} (validation {selection['metric']}, {selection['mode']})\n\n"
         text += "| group | value |\n|---|---:|\n"

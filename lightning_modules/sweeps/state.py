@@ -24,6 +24,14 @@ STATE_FILE = "sweep_state.json"
 PENDING, RUNNING, DONE, FAILED, STALE = "pending", "running", "done", "failed", "stale"
 
 
+def read_json(path: Path) -> Any:
+    """The JSON value in ``path``, or None when it is missing or unreadable (a run that never wrote it)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
 
